@@ -1,0 +1,1 @@
+"""Every side effect xpando has: providers, routing, knowledge, ledger, chain."""

@@ -1,0 +1,1 @@
+"""AI providers an expert node answers through."""

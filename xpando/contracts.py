@@ -1,0 +1,233 @@
+"""Workflow, activity and query contracts: one frozen pydantic input and result model per call.
+
+Everything here is plain JSON so operators can start workflows with
+``temporal workflow start --input '{...}'``. Secrets never appear in these models.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from enum import StrEnum
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class Contract(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+# --- shared pieces -------------------------------------------------------------------------------
+
+
+class TaskStage(StrEnum):
+    QUEUED = "queued"
+    PLANNING = "planning"
+    ROUTING = "routing"
+    ANSWERING = "answering"
+    AGGREGATING = "aggregating"
+    RECORDING = "recording"
+    COMPLETED = "completed"
+    FAILED = "failed"
+
+
+class ContributionStatus(StrEnum):
+    OK = "ok"  # the expert answered from relevant material
+    NO_ANSWER = "no_answer"  # the expert ran but had nothing relevant to say
+    FAILED = "failed"  # the call failed (after Temporal's retries)
+
+
+class Citation(Contract):
+    source: str = Field(description="Where the passage comes from (module path, URL, knowledge:<id>)")
+    text: str = Field(description="The passage as cited")
+    score: float = Field(ge=0.0, description="Relevance of the passage to the prompt")
+
+
+class KnowledgeSnippet(Contract):
+    """A stored answer handed to experts as context (and searched by the offline provider)."""
+
+    knowledge_id: str
+    question: str
+    answer: str
+    domain: str | None = None
+    confidence: float = Field(ge=0.0, le=1.0)
+
+
+class NodeDomain(Contract):
+    name: str = Field(min_length=1, max_length=64)
+    description: str = Field("", max_length=2000)
+    keywords: list[str] = Field(default_factory=list, max_length=200)
+
+
+class NodeProfile(Contract):
+    """What a node says about itself when it registers."""
+
+    node_id: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    region: str = Field(min_length=1, max_length=32)
+    provider: str = Field(min_length=1, max_length=32)
+    model: str = Field(min_length=1, max_length=128)
+    domains: list[NodeDomain] = Field(default_factory=list, max_length=16)
+    capacity: int = Field(4, ge=1, le=1024)
+
+    @property
+    def task_queue(self) -> str:
+        return node_task_queue(self.node_id)
+
+
+def node_task_queue(node_id: str) -> str:
+    return f"node.{node_id}"
+
+
+# --- TaskWorkflow --------------------------------------------------------------------------------
+
+
+class TaskInput(Contract):
+    task_id: str
+    prompt: str = Field(min_length=1)
+    k: int = Field(3, ge=1)
+    domain: str | None = None
+    regions: list[str] = Field(default_factory=list)
+    submitted_at: datetime | None = None
+
+
+class Contribution(Contract):
+    node_id: str
+    region: str
+    provider: str
+    model: str
+    status: ContributionStatus
+    answer: str = ""
+    citations: list[Citation] = Field(default_factory=list)
+    relevance: float = Field(0.0, ge=0.0, le=1.0)
+    quality: float = Field(0.0, ge=0.0, le=1.0)
+    latency_ms: int = Field(0, ge=0)
+    input_tokens: int = Field(0, ge=0)
+    output_tokens: int = Field(0, ge=0)
+    finish_reason: str | None = None
+    error: str | None = None
+    attempts: int = Field(1, ge=1)
+
+
+class TaskProgress(Contract):
+    task_id: str
+    stage: TaskStage
+    domain: str | None = None
+    chosen: list[str] = Field(default_factory=list)
+    answered: int = 0
+    failed: int = 0
+    error: str | None = None
+
+
+class TaskResult(Contract):
+    task_id: str
+    answer: str
+    confidence: float = Field(ge=0.0, le=1.0)
+    domain: str | None = None
+    contributions: list[Contribution]
+    knowledge_used: list[str] = Field(default_factory=list)
+    completed_at: datetime
+
+
+# --- core activities -----------------------------------------------------------------------------
+
+
+class PlanInput(Contract):
+    task_id: str
+    prompt: str
+    domain: str | None = None
+    max_context: int = 3
+
+
+class PlanResult(Contract):
+    domain: str | None
+    context: list[KnowledgeSnippet] = Field(default_factory=list)
+
+
+class RouteInput(Contract):
+    task_id: str
+    prompt: str
+    k: int = Field(ge=1)
+    standbys: int = Field(0, ge=0)
+    domain: str | None = None
+    regions: list[str] = Field(default_factory=list)
+
+
+class RouteCandidate(Contract):
+    node_id: str
+    region: str
+    provider: str
+    model: str
+    task_queue: str
+    score: float
+    fit: float
+    domains: list[str] = Field(default_factory=list)
+
+
+class RouteResult(Contract):
+    chosen: list[RouteCandidate]
+    standbys: list[RouteCandidate] = Field(default_factory=list)
+    considered: int = 0
+    domain: str | None = None
+
+
+class AnswerInput(Contract):
+    task_id: str
+    prompt: str
+    node_id: str
+    context: list[KnowledgeSnippet] = Field(default_factory=list)
+
+
+class AnswerResult(Contract):
+    node_id: str
+    region: str
+    provider: str
+    model: str
+    status: ContributionStatus
+    answer: str
+    citations: list[Citation] = Field(default_factory=list)
+    relevance: float = Field(0.0, ge=0.0, le=1.0)
+    latency_ms: int = Field(0, ge=0)
+    input_tokens: int = Field(0, ge=0)
+    output_tokens: int = Field(0, ge=0)
+    finish_reason: str | None = None
+
+
+class AggregateInput(Contract):
+    task_id: str
+    prompt: str
+    contributions: list[Contribution]
+
+
+class AggregateResult(Contract):
+    answer: str
+    confidence: float = Field(ge=0.0, le=1.0)
+    contributions: list[Contribution]
+
+
+class RecordInput(Contract):
+    task_id: str
+    prompt: str
+    domain: str | None
+    status: TaskStage
+    answer: str = ""
+    confidence: float = 0.0
+    error: str | None = None
+    contributions: list[Contribution] = Field(default_factory=list)
+
+
+class RecordResult(Contract):
+    task_id: str
+    contributions_written: int
+    knowledge_id: str | None = None
+
+
+# --- node registration ---------------------------------------------------------------------------
+
+
+class RegisterNodeInput(Contract):
+    profile: NodeProfile
+
+
+class RegisterNodeResult(Contract):
+    node_id: str
+    created: bool
+    registered_at: datetime

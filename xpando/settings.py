@@ -1,0 +1,120 @@
+"""The one place xpando reads its configuration from (environment ``XPANDO_*`` and ``.env``)."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Every port, path, count and limit xpando uses. See the README's configuration table."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="XPANDO_", env_file=".env", env_file_encoding="utf-8", extra="ignore"
+    )
+
+    # --- local state --------------------------------------------------------------------------
+    data_dir: Path = Field(Path(".xpando"), description="Folder for all local state.")
+
+    # --- logging ------------------------------------------------------------------------------
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_format: Literal["auto", "json", "console"] = Field(
+        "auto", description="auto: console on a TTY, JSON otherwise."
+    )
+
+    # --- Temporal -----------------------------------------------------------------------------
+    temporal_host: str = "127.0.0.1"
+    temporal_port: int = Field(7233, ge=1, le=65535)
+    temporal_ui_port: int = Field(8233, ge=1, le=65535)
+    temporal_address: str | None = Field(
+        None, description="host:port of the Temporal frontend; default temporal_host:temporal_port"
+    )
+    temporal_namespace: str = "default"
+    temporal_ui_url: str | None = Field(
+        None, description="Base URL of the Temporal Web UI; default http://host:ui_port"
+    )
+    temporal_tls: bool = False
+    temporal_api_key: SecretStr | None = None
+    core_task_queue: str = "xpando-core"
+
+    # --- database -----------------------------------------------------------------------------
+    database_url: str | None = Field(
+        None,
+        description="SQLAlchemy async URL; default sqlite+aiosqlite:///<data_dir>/xpando.db. "
+        "PostgreSQL: postgresql+asyncpg://user@host/db",
+    )
+
+    # --- API ----------------------------------------------------------------------------------
+    api_host: str = "127.0.0.1"
+    api_port: int = Field(8000, ge=1, le=65535)
+    api_public_url: str | None = Field(None, description="Base URL used in links; default http://host:port")
+
+    # --- tasks --------------------------------------------------------------------------------
+    prompt_max_chars: int = Field(8000, ge=16)
+    default_k: int = Field(3, ge=1)
+    max_k: int = Field(9, ge=1)
+    standbys: int = Field(2, ge=0, description="Standby experts kept for hedging per task.")
+    knowledge_context_items: int = Field(3, ge=0, description="Knowledge items sent to experts.")
+
+    # --- nodes --------------------------------------------------------------------------------
+    node_liveness_s: float = Field(
+        90.0, gt=0, description="A node whose queue saw no poll for this long is not routed to."
+    )
+    node_id: str | None = Field(None, description="`xpando worker node`: this node's id")
+    node_region: str = "local"
+    node_provider: str = "offline"
+    node_model: str = "bm25-retrieval"
+    node_domain: str | None = Field(None, description="Domain of a node's corpus")
+    node_corpus: Path | None = Field(None, description="Corpus file (JSONL) of an offline node")
+    node_simulated_latency_ms: int = Field(
+        0, ge=0, description="Extra latency per answer, for demos and fault tests."
+    )
+
+    # --- `xpando dev` -------------------------------------------------------------------------
+    dev_start_temporal: bool = Field(True, description="`xpando dev` starts its own dev server")
+    dev_nodes: int = Field(4, ge=1, le=64, description="Expert node workers started by `xpando dev`")
+    dev_regions: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["eu-west", "us-east"],
+        description="Comma-separated regions the dev nodes are spread over.",
+    )
+
+    @field_validator("dev_regions", mode="before")
+    @classmethod
+    def _split_regions(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    # --- derived ------------------------------------------------------------------------------
+    @property
+    def temporal_target(self) -> str:
+        return self.temporal_address or f"{self.temporal_host}:{self.temporal_port}"
+
+    @property
+    def temporal_ui_base(self) -> str:
+        return (self.temporal_ui_url or f"http://{self.temporal_host}:{self.temporal_ui_port}").rstrip(
+            "/"
+        )
+
+    @property
+    def api_base(self) -> str:
+        return (self.api_public_url or f"http://{self.api_host}:{self.api_port}").rstrip("/")
+
+    @property
+    def database_dsn(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite+aiosqlite:///{(self.data_dir / 'xpando.db').resolve()}"
+
+    def workflow_ui_url(self, workflow_id: str) -> str:
+        return f"{self.temporal_ui_base}/namespaces/{self.temporal_namespace}/workflows/{workflow_id}"
+
+
+@lru_cache
+def get_settings() -> Settings:
+    """The process-wide settings (tests build their own ``Settings`` instead)."""
+    return Settings()
