@@ -37,7 +37,9 @@ class ContributionStatus(StrEnum):
 
 
 class Citation(Contract):
-    source: str = Field(description="Where the passage comes from (module path, URL, knowledge:<id>)")
+    source: str = Field(
+        description="Where the passage comes from (module path, URL, knowledge:<id>)"
+    )
     text: str = Field(description="The passage as cited")
     score: float = Field(ge=0.0, description="Relevance of the passage to the prompt")
 
@@ -189,6 +191,7 @@ class AnswerResult(Contract):
     input_tokens: int = Field(0, ge=0)
     output_tokens: int = Field(0, ge=0)
     finish_reason: str | None = None
+    attempt: int = Field(1, ge=1)
 
 
 class AggregateInput(Contract):

@@ -51,14 +51,12 @@ class Settings(BaseSettings):
     # --- API ----------------------------------------------------------------------------------
     api_host: str = "127.0.0.1"
     api_port: int = Field(8000, ge=1, le=65535)
-    api_public_url: str | None = Field(None, description="Base URL used in links; default http://host:port")
+    api_public_url: str | None = Field(
+        None, description="Base URL used in links; default http://host:port"
+    )
 
     # --- tasks --------------------------------------------------------------------------------
-    prompt_max_chars: int = Field(8000, ge=16)
-    default_k: int = Field(3, ge=1)
-    max_k: int = Field(9, ge=1)
-    standbys: int = Field(2, ge=0, description="Standby experts kept for hedging per task.")
-    knowledge_context_items: int = Field(3, ge=0, description="Knowledge items sent to experts.")
+    default_k: int = Field(3, ge=1, le=9, description="Experts asked when a task does not say")
 
     # --- nodes --------------------------------------------------------------------------------
     node_liveness_s: float = Field(
@@ -76,7 +74,9 @@ class Settings(BaseSettings):
 
     # --- `xpando dev` -------------------------------------------------------------------------
     dev_start_temporal: bool = Field(True, description="`xpando dev` starts its own dev server")
-    dev_nodes: int = Field(4, ge=1, le=64, description="Expert node workers started by `xpando dev`")
+    dev_nodes: int = Field(
+        4, ge=1, le=64, description="Expert node workers started by `xpando dev`"
+    )
     dev_regions: Annotated[list[str], NoDecode] = Field(
         default_factory=lambda: ["eu-west", "us-east"],
         description="Comma-separated regions the dev nodes are spread over.",
@@ -96,9 +96,9 @@ class Settings(BaseSettings):
 
     @property
     def temporal_ui_base(self) -> str:
-        return (self.temporal_ui_url or f"http://{self.temporal_host}:{self.temporal_ui_port}").rstrip(
-            "/"
-        )
+        return (
+            self.temporal_ui_url or f"http://{self.temporal_host}:{self.temporal_ui_port}"
+        ).rstrip("/")
 
     @property
     def api_base(self) -> str:
@@ -111,7 +111,9 @@ class Settings(BaseSettings):
         return f"sqlite+aiosqlite:///{(self.data_dir / 'xpando.db').resolve()}"
 
     def workflow_ui_url(self, workflow_id: str) -> str:
-        return f"{self.temporal_ui_base}/namespaces/{self.temporal_namespace}/workflows/{workflow_id}"
+        return (
+            f"{self.temporal_ui_base}/namespaces/{self.temporal_namespace}/workflows/{workflow_id}"
+        )
 
 
 @lru_cache

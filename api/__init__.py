@@ -1,0 +1,1 @@
+"""The FastAPI layer: starts and reads workflows, reads the database."""

@@ -1,0 +1,46 @@
+"""Builds the FastAPI app: one Temporal client and one database engine for its lifetime."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from api import errors
+from api.routes import health, nodes, tasks
+from xpando import __version__, temporal
+from xpando.db import create_engine, init_db, session_factory
+from xpando.settings import Settings, get_settings
+from xpando.temporal import NodeLiveness
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        client = await temporal.connect(settings, attempts=60)
+        engine = create_engine(settings.database_dsn)
+        await init_db(engine)
+        app.state.settings = settings
+        app.state.temporal = client
+        app.state.engine = engine
+        app.state.sessions = session_factory(engine)
+        app.state.liveness = NodeLiveness(client, max_age_s=settings.node_liveness_s)
+        try:
+            yield
+        finally:
+            await engine.dispose()
+
+    app = FastAPI(
+        title="xpando",
+        version=__version__,
+        description="Submit tasks to a network of AI experts; read their aggregated answers.",
+        lifespan=lifespan,
+    )
+    errors.install(app)
+    app.include_router(health.router)
+    app.include_router(tasks.router)
+    app.include_router(nodes.router)
+    return app

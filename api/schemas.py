@@ -1,0 +1,84 @@
+"""Request and response bodies of the HTTP API (with limits)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+
+from xpando.contracts import Contribution, NodeDomain
+
+PROMPT_MAX_CHARS = 8000
+K_MIN, K_MAX = 1, 9
+ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"
+
+Region = Annotated[str, StringConstraints(min_length=1, max_length=32, pattern=r"^[a-z0-9-]+$")]
+
+
+class TaskCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
+
+    prompt: str = Field(
+        min_length=1,
+        max_length=PROMPT_MAX_CHARS,
+        description="The question or task for the experts",
+    )
+    k: int | None = Field(
+        None, ge=K_MIN, le=K_MAX, description="How many experts to ask (default: XPANDO_DEFAULT_K)"
+    )
+    domain: str | None = Field(None, min_length=1, max_length=64, pattern=r"^[a-z0-9-]+$")
+    regions: list[Region] = Field(
+        default_factory=list, max_length=8, description="Only route to nodes in these regions"
+    )
+
+
+class Links(BaseModel):
+    self: str
+    ui: str
+
+
+class TaskAccepted(BaseModel):
+    task_id: str
+    status: str = "accepted"
+    links: Links
+
+
+class TaskView(BaseModel):
+    task_id: str
+    status: str = Field(description="running, completed, failed, canceled, terminated, timed_out")
+    stage: str | None = None
+    domain: str | None = None
+    prompt: str | None = None
+    answer: str | None = None
+    confidence: float | None = None
+    chosen: list[str] = Field(default_factory=list)
+    contributions: list[Contribution] = Field(default_factory=list)
+    knowledge_used: list[str] = Field(default_factory=list)
+    error: str | None = None
+    completed_at: datetime | None = None
+    links: Links
+
+
+class NodeView(BaseModel):
+    node_id: str
+    region: str
+    provider: str
+    model: str
+    task_queue: str
+    capacity: int
+    domains: list[NodeDomain]
+    live: bool
+    registered_at: datetime | None
+    updated_at: datetime | None
+
+
+class NodeList(BaseModel):
+    nodes: list[NodeView]
+    count: int
+
+
+class Health(BaseModel):
+    status: str
+    temporal: str
+    database: str

@@ -1,0 +1,1 @@
+"""Process entry points that wire real clients into activity classes."""

@@ -1,0 +1,52 @@
+"""The core worker: ``xpando-core`` task queue, workflows and the Mother Core's activities."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from temporalio.client import Client
+from temporalio.worker import Worker
+
+from activities.core import CoreActivities
+from workers.runtime import stop_on_signals
+from workflows.node_registration import NodeRegistrationWorkflow
+from workflows.task import TaskWorkflow
+from xpando import temporal
+from xpando.db import SessionFactory, create_engine, init_db, session_factory
+from xpando.logs import get_logger
+from xpando.settings import Settings
+from xpando.temporal import NodeLiveness
+
+log = get_logger(__name__)
+
+WORKFLOWS = [TaskWorkflow, NodeRegistrationWorkflow]
+
+
+def build_core_worker(
+    client: Client, *, sessions: SessionFactory, settings: Settings, task_queue: str | None = None
+) -> Worker:
+    core = CoreActivities(
+        sessions=sessions,
+        liveness=NodeLiveness(client, max_age_s=settings.node_liveness_s),
+    )
+    return Worker(
+        client,
+        task_queue=task_queue or settings.core_task_queue,
+        workflows=WORKFLOWS,
+        activities=[core.plan, core.route, core.aggregate, core.record, core.register_node],
+        graceful_shutdown_timeout=timedelta(seconds=10),
+    )
+
+
+async def run_core_worker(settings: Settings) -> None:
+    client = await temporal.connect(settings, attempts=60)
+    engine = create_engine(settings.database_dsn)
+    await init_db(engine)
+    worker = build_core_worker(client, sessions=session_factory(engine), settings=settings)
+    stop_on_signals(worker.shutdown)
+    log.info("core worker started", task_queue=settings.core_task_queue)
+    try:
+        await worker.run()
+    finally:
+        await engine.dispose()
+        log.info("core worker stopped")

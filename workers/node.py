@@ -1,0 +1,149 @@
+"""An expert node worker: polls ``node.<node_id>`` and answers through the node's provider."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+
+from temporalio.client import Client
+from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
+from temporalio.worker import Worker
+
+from activities.node import NodeActivities
+from activities.providers.base import Provider
+from activities.providers.offline import OfflineRetrievalProvider
+from workers.runtime import stop_on_signals
+from workflows.node_registration import NodeRegistrationWorkflow
+from xpando import temporal
+from xpando.contracts import NodeDomain, NodeProfile, RegisterNodeInput, RegisterNodeResult
+from xpando.corpus import DEV_DOMAINS, ensure_domain_corpus
+from xpando.logs import get_logger
+from xpando.retrieval import RetrievalIndex, load_passages
+from xpando.settings import Settings
+
+log = get_logger(__name__)
+
+DOMAIN_KEYWORDS = 60
+
+
+class NodeConfigError(ValueError):
+    """A node cannot start with the configuration it was given (shown to the operator)."""
+
+
+@dataclass(frozen=True)
+class NodeSpec:
+    node_id: str
+    region: str
+    provider: str = "offline"
+    model: str = "bm25-retrieval"
+    domain: str | None = None
+    corpus: Path | None = None
+    simulated_latency_ms: int = 0
+
+
+def build_offline_node(spec: NodeSpec, *, data_dir: Path) -> tuple[NodeProfile, Provider]:
+    """Load (building on first start) the node's corpus and describe its domain from it."""
+    if spec.corpus is not None:
+        corpus_path = spec.corpus
+    elif spec.domain in DEV_DOMAINS:
+        corpus_path = ensure_domain_corpus(spec.domain, data_dir / "corpora")
+    else:
+        raise NodeConfigError(
+            f"node {spec.node_id!r}: an offline node needs --corpus FILE.jsonl or one of the "
+            f"built-in domains {sorted(DEV_DOMAINS)} (got domain={spec.domain!r})"
+        )
+    if not corpus_path.exists():
+        raise NodeConfigError(f"node {spec.node_id!r}: corpus file {corpus_path} does not exist")
+    passages = load_passages(corpus_path)
+    domain_name = spec.domain or corpus_path.stem
+    index = RetrievalIndex(passages)
+    description = DEV_DOMAINS[domain_name].description if domain_name in DEV_DOMAINS else ""
+    profile = NodeProfile(
+        node_id=spec.node_id,
+        region=spec.region,
+        provider="offline",
+        model=spec.model if spec.provider == "offline" else "bm25-retrieval",
+        domains=[
+            NodeDomain(
+                name=domain_name,
+                description=description,
+                keywords=index.top_terms(DOMAIN_KEYWORDS),
+            )
+        ],
+    )
+    provider = OfflineRetrievalProvider(passages, domain=domain_name)
+    return profile, provider
+
+
+def build_node(spec: NodeSpec, *, data_dir: Path) -> tuple[NodeProfile, Provider]:
+    if spec.provider != "offline":
+        raise NodeConfigError(
+            f"node {spec.node_id!r}: provider {spec.provider!r} is not available in this version; "
+            "use 'offline'"
+        )
+    return build_offline_node(spec, data_dir=data_dir)
+
+
+def build_node_worker(
+    client: Client, *, profile: NodeProfile, provider: Provider, simulated_latency_ms: int = 0
+) -> Worker:
+    node = NodeActivities(
+        profile=profile, provider=provider, simulated_latency_ms=simulated_latency_ms
+    )
+    return Worker(
+        client,
+        task_queue=profile.task_queue,
+        activities=[node.answer],
+        max_concurrent_activities=profile.capacity,
+        graceful_shutdown_timeout=timedelta(seconds=5),
+        identity=f"xpando-node/{profile.node_id}@{profile.region}",
+    )
+
+
+async def register(
+    client: Client, profile: NodeProfile, *, core_task_queue: str
+) -> RegisterNodeResult:
+    """Register through the core (idempotent: same profile → same workflow id)."""
+    digest = hashlib.sha256(profile.model_dump_json().encode()).hexdigest()[:16]
+    handle = await client.start_workflow(
+        NodeRegistrationWorkflow.run,
+        RegisterNodeInput(profile=profile),
+        id=f"node-register-{profile.node_id}-{digest}",
+        task_queue=core_task_queue,
+        id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
+        id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE,
+    )
+    return await handle.result()
+
+
+async def run_node_worker(settings: Settings, spec: NodeSpec) -> None:
+    profile, provider = await asyncio.to_thread(build_node, spec, data_dir=settings.data_dir)
+    client = await temporal.connect(settings, attempts=60)
+    worker = build_node_worker(
+        client,
+        profile=profile,
+        provider=provider,
+        simulated_latency_ms=spec.simulated_latency_ms,
+    )
+
+    async def _register() -> None:
+        result = await register(client, profile, core_task_queue=settings.core_task_queue)
+        log.info("node registered", node_id=result.node_id, created=result.created)
+
+    registration = asyncio.create_task(_register())
+    stop_on_signals(worker.shutdown)
+    log.info(
+        "node worker started",
+        node_id=profile.node_id,
+        region=profile.region,
+        task_queue=profile.task_queue,
+        domains=[d.name for d in profile.domains],
+    )
+    try:
+        await worker.run()
+    finally:
+        registration.cancel()
+        log.info("node worker stopped", node_id=profile.node_id)

@@ -1,0 +1,3 @@
+from xpando.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,216 @@
+"""The ``xpando`` command: run the network, its processes, and script it."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+
+from xpando.logs import configure_logging
+from xpando.settings import Settings
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="xpando", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    sub.add_parser("dev", help="run the whole network locally (Temporal, workers, API)")
+
+    worker = sub.add_parser("worker", help="run a worker process")
+    wsub = worker.add_subparsers(dest="kind", required=True)
+    wsub.add_parser("core", help="the core worker (xpando-core: workflows, Mother Core)")
+    node = wsub.add_parser("node", help="one expert node (task queue node.<id>)")
+    node.add_argument("--node-id", help="node id (default XPANDO_NODE_ID)")
+    node.add_argument("--region", help="region (default XPANDO_NODE_REGION)")
+    node.add_argument("--domain", help="built-in corpus domain (python, temporal, web-api, solana)")
+    node.add_argument("--corpus", type=Path, help="JSONL corpus file for an offline node")
+    node.add_argument("--provider", help="provider (default XPANDO_NODE_PROVIDER, 'offline')")
+    node.add_argument("--model", help="model name (default XPANDO_NODE_MODEL)")
+    node.add_argument("--simulated-latency-ms", type=int, help="extra latency per answer")
+
+    sub.add_parser("api", help="run the HTTP API (uvicorn)")
+
+    db = sub.add_parser("db", help="database maintenance")
+    dbsub = db.add_subparsers(dest="action", required=True)
+    dbsub.add_parser("init", help="create missing tables")
+
+    sub.add_parser("search-attributes", help="register xpando's search attributes (idempotent)")
+
+    task = sub.add_parser("task", help="submit and read tasks through Temporal")
+    tsub = task.add_subparsers(dest="action", required=True)
+    submit = tsub.add_parser("submit", help="start a TaskWorkflow")
+    submit.add_argument("prompt")
+    submit.add_argument("--k", type=int, help="how many experts to ask")
+    submit.add_argument("--domain")
+    submit.add_argument("--region", action="append", default=[], dest="regions")
+    submit.add_argument("--id", help="task id (default task-<uuid>)")
+    submit.add_argument("--wait", action="store_true", help="wait for and print the result")
+    get = tsub.add_parser("get", help="print a task's progress or result")
+    get.add_argument("task_id")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    settings = Settings()
+    component = args.command if args.command != "worker" else f"worker-{args.kind}"
+    configure_logging(settings, component=component)
+    try:
+        return _dispatch(args, settings)
+    except KeyboardInterrupt:
+        return 130
+    except CliError as err:
+        print(f"xpando: error: {err}", file=sys.stderr)
+        return 2
+
+
+class CliError(Exception):
+    pass
+
+
+def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
+    if args.command == "dev":
+        from xpando.dev import run_dev
+
+        return run_dev(settings)
+    if args.command == "worker" and args.kind == "core":
+        from workers.core import run_core_worker
+
+        asyncio.run(run_core_worker(settings))
+        return 0
+    if args.command == "worker" and args.kind == "node":
+        return _run_node(args, settings)
+    if args.command == "api":
+        import uvicorn
+
+        from api.main import create_app
+
+        uvicorn.run(
+            create_app(settings),
+            host=settings.api_host,
+            port=settings.api_port,
+            log_config=None,
+            access_log=True,
+        )
+        return 0
+    if args.command == "db":
+        asyncio.run(_db_init(settings))
+        print("database ready:", _redact(settings.database_dsn))
+        return 0
+    if args.command == "search-attributes":
+        added = asyncio.run(_search_attributes(settings))
+        print("registered:", ", ".join(added) if added else "nothing (all present)")
+        return 0
+    if args.command == "task":
+        return asyncio.run(_task(args, settings))
+    raise CliError(f"unknown command {args.command}")
+
+
+def _run_node(args: argparse.Namespace, settings: Settings) -> int:
+    from workers.node import NodeConfigError, NodeSpec, run_node_worker
+
+    node_id = args.node_id or settings.node_id
+    if not node_id:
+        raise CliError("a node needs an id: --node-id ID or XPANDO_NODE_ID")
+    latency = args.simulated_latency_ms
+    if latency is None:
+        latency = settings.node_simulated_latency_ms
+    if latency < 0:
+        raise CliError("--simulated-latency-ms must be >= 0")
+    spec = NodeSpec(
+        node_id=node_id,
+        region=args.region or settings.node_region,
+        provider=args.provider or settings.node_provider,
+        model=args.model or settings.node_model,
+        domain=args.domain or settings.node_domain,
+        corpus=args.corpus or settings.node_corpus,
+        simulated_latency_ms=latency,
+    )
+    try:
+        asyncio.run(run_node_worker(settings, spec))
+    except (NodeConfigError, ValueError) as err:
+        raise CliError(str(err)) from err
+    return 0
+
+
+async def _db_init(settings: Settings) -> None:
+    from xpando.db import create_engine, init_db
+
+    engine = create_engine(settings.database_dsn)
+    try:
+        await init_db(engine)
+    finally:
+        await engine.dispose()
+
+
+async def _search_attributes(settings: Settings) -> list[str]:
+    from xpando import temporal
+
+    client = await temporal.connect(settings)
+    return await temporal.ensure_search_attributes(client)
+
+
+async def _task(args: argparse.Namespace, settings: Settings) -> int:
+    from temporalio.client import WorkflowFailureError
+    from temporalio.common import WorkflowIDConflictPolicy
+
+    from workflows.task import TaskWorkflow
+    from xpando import temporal
+    from xpando.contracts import TaskInput
+
+    client = await temporal.connect(settings)
+    if args.action == "get":
+        handle = client.get_workflow_handle_for(TaskWorkflow.run, args.task_id)
+        desc = await handle.describe()
+        if desc.status is not None and desc.status.name == "RUNNING":
+            progress = await handle.query(TaskWorkflow.progress)
+            print(progress.model_dump_json(indent=2))
+            return 0
+        try:
+            print((await handle.result()).model_dump_json(indent=2))
+        except WorkflowFailureError as err:
+            print(f"task failed: {err.cause}", file=sys.stderr)
+            return 1
+        return 0
+
+    prompt = args.prompt.strip()
+    if not prompt:
+        raise CliError("the prompt is empty")
+    k = args.k or settings.default_k
+    if not 1 <= k <= 9:
+        raise CliError("--k must be between 1 and 9")
+    task_id = args.id or f"task-{uuid.uuid4().hex}"
+    handle = await client.start_workflow(
+        TaskWorkflow.run,
+        TaskInput(task_id=task_id, prompt=prompt, k=k, domain=args.domain, regions=args.regions),
+        id=task_id,
+        task_queue=settings.core_task_queue,
+        id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
+        search_attributes=temporal.initial_task_attributes(args.domain),
+    )
+    print(json.dumps({"task_id": task_id, "ui": settings.workflow_ui_url(task_id)}))
+    if args.wait:
+        try:
+            result = await handle.result()
+        except WorkflowFailureError as err:
+            print(f"task failed: {err.cause}", file=sys.stderr)
+            return 1
+        print(result.model_dump_json(indent=2))
+    return 0
+
+
+def _redact(dsn: str) -> str:
+    if "@" in dsn and "://" in dsn:
+        scheme, rest = dsn.split("://", 1)
+        creds, host = rest.rsplit("@", 1)
+        user = creds.split(":", 1)[0]
+        return f"{scheme}://{user}:***@{host}" if ":" in creds else dsn
+    return dsn
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,59 @@
+"""Async engine and session factory: SQLite (aiosqlite) by default, PostgreSQL via asyncpg."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import event
+from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
+from sqlalchemy.pool import ConnectionPoolEntry
+from sqlmodel import SQLModel
+from sqlmodel.ext.asyncio.session import AsyncSession
+
+from xpando.db import models  # noqa: F401  (registers the tables on SQLModel.metadata)
+
+SessionFactory = async_sessionmaker[AsyncSession]
+
+
+def create_engine(dsn: str, *, echo: bool = False) -> AsyncEngine:
+    """Create the engine; for SQLite, make the file's folder and turn on WAL + a busy timeout
+    so the API (reader) and the core worker (writer) can share the file."""
+    kwargs: dict[str, Any] = {"echo": echo}
+    if dsn.startswith("sqlite"):
+        path = dsn.split(":///", 1)[-1]
+        if path and path != ":memory:":
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        kwargs["connect_args"] = {"timeout": 30}
+    else:
+        kwargs.update(pool_pre_ping=True, pool_size=10, max_overflow=10)
+    engine = create_async_engine(dsn, **kwargs)
+    if dsn.startswith("sqlite"):
+
+        @event.listens_for(engine.sync_engine, "connect")
+        def _sqlite_pragmas(dbapi_conn: Any, _: ConnectionPoolEntry) -> None:
+            cursor = dbapi_conn.cursor()
+            cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute("PRAGMA synchronous=NORMAL")
+            cursor.execute("PRAGMA busy_timeout=30000")
+            cursor.execute("PRAGMA foreign_keys=ON")
+            cursor.close()
+
+    return engine
+
+
+def session_factory(engine: AsyncEngine) -> SessionFactory:
+    return async_sessionmaker(engine, class_=AsyncSession, expire_on_commit=False)
+
+
+async def init_db(engine: AsyncEngine) -> None:
+    """Create missing tables (idempotent)."""
+    async with engine.begin() as conn:
+        await conn.run_sync(SQLModel.metadata.create_all)
+
+
+async def ping(engine: AsyncEngine) -> None:
+    from sqlalchemy import text
+
+    async with engine.connect() as conn:
+        await conn.execute(text("SELECT 1"))

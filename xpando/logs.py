@@ -1,0 +1,75 @@
+"""One ``configure_logging()`` per entry point: structlog for our code and the stdlib's records."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Any
+
+import structlog
+
+from xpando.settings import Settings
+
+
+def _drop_color_message(_: Any, __: str, event_dict: dict[str, Any]) -> dict[str, Any]:
+    # uvicorn duplicates the message with ANSI colours in an extra field
+    event_dict.pop("color_message", None)
+    return event_dict
+
+
+def configure_logging(settings: Settings, *, component: str | None = None) -> None:
+    """Render structlog and standard-library records (temporalio's, uvicorn's) the same way.
+
+    JSON lines when stdout is not a TTY (or ``log_format=json``), a console renderer otherwise.
+    Time is ISO 8601 UTC. Context bound with ``structlog.contextvars`` (task_id, workflow_id,
+    node_id) appears on every line.
+    """
+    use_json = settings.log_format == "json" or (
+        settings.log_format == "auto" and not sys.stderr.isatty()
+    )
+    shared: list[structlog.typing.Processor] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.stdlib.add_log_level,
+        structlog.stdlib.add_logger_name,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        structlog.stdlib.ExtraAdder(),
+        _drop_color_message,
+        structlog.processors.StackInfoRenderer(),
+    ]
+    if component:
+        structlog.contextvars.bind_contextvars(component=component)
+    renderer: structlog.typing.Processor
+    if use_json:
+        shared.append(structlog.processors.format_exc_info)
+        renderer = structlog.processors.JSONRenderer()
+    else:
+        renderer = structlog.dev.ConsoleRenderer()
+
+    structlog.configure(
+        processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
+        logger_factory=structlog.stdlib.LoggerFactory(),
+        wrapper_class=structlog.stdlib.BoundLogger,
+        cache_logger_on_first_use=True,
+    )
+    formatter = structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=shared,
+        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
+    )
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(formatter)
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(settings.log_level)
+    for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
+        lg = logging.getLogger(name)
+        lg.handlers.clear()
+        lg.propagate = True
+    # Chatty third-party loggers stay at WARNING unless we debug.
+    if settings.log_level != "DEBUG":
+        for name in ("httpx", "httpcore", "aiosqlite", "sqlalchemy.engine"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def get_logger(name: str | None = None) -> structlog.stdlib.BoundLogger:
+    logger: structlog.stdlib.BoundLogger = structlog.stdlib.get_logger(name)
+    return logger
