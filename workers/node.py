@@ -26,7 +26,7 @@ from xpando.settings import Settings
 
 log = get_logger(__name__)
 
-DOMAIN_KEYWORDS = 60
+DOMAIN_KEYWORDS = 200
 
 
 class NodeConfigError(ValueError):

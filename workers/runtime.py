@@ -4,19 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import signal
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 
-def stop_on_signals(stop: Callable[[], Awaitable[None]]) -> None:
+def stop_on_signals(stop: Callable[[], Coroutine[Any, Any, None]]) -> None:
     """Call ``stop`` once on SIGINT or SIGTERM (the process then exits when its run ends)."""
     loop = asyncio.get_running_loop()
-    triggered = False
+    tasks: list[asyncio.Task[None]] = []
 
     def _handler() -> None:
-        nonlocal triggered
-        if not triggered:
-            triggered = True
-            loop.create_task(stop())
+        if not tasks:
+            tasks.append(loop.create_task(stop()))
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, _handler)

@@ -129,6 +129,18 @@ class TaskWorkflow:
             retry_policy=CORE_STEP_RETRY,
         )
 
+        if input.domain is None:
+            # The task's domain is the domain of the expert whose answer won.
+            domains = {c.node_id: c.domains for c in [*route.chosen, *route.standbys]}
+            winner = max(
+                (c for c in aggregated.contributions if c.status == ContributionStatus.OK),
+                key=lambda c: c.quality,
+                default=None,
+            )
+            if winner is not None and domains.get(winner.node_id):
+                self._domain = domains[winner.node_id][0]
+                workflow.upsert_search_attributes([sa.DOMAIN.value_set(self._domain)])
+
         self._set_stage(TaskStage.RECORDING)
         await self._record(
             RecordInput(
@@ -144,6 +156,7 @@ class TaskWorkflow:
         self._set_stage(TaskStage.COMPLETED)
         return TaskResult(
             task_id=input.task_id,
+            prompt=input.prompt,
             answer=aggregated.answer,
             confidence=aggregated.confidence,
             domain=self._domain,

@@ -121,6 +121,7 @@ class TaskProgress(Contract):
 
 class TaskResult(Contract):
     task_id: str
+    prompt: str = ""
     answer: str
     confidence: float = Field(ge=0.0, le=1.0)
     domain: str | None = None

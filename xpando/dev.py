@@ -233,8 +233,9 @@ class Supervisor:
                 f"  Temporal gRPC  {s.temporal_target}  namespace {s.temporal_namespace}",
                 f"  nodes          {nodes}",
                 f"  data           {s.data_dir.resolve()}",
-                "  try:  curl -s -X POST localhost:%d/v1/tasks -H 'content-type: application/json' "
-                '-d \'{"prompt": "How do I set a retry policy on an activity?"}\'' % s.api_port,
+                f"  try:  curl -s -X POST localhost:{s.api_port}/v1/tasks "
+                "-H 'content-type: application/json' "
+                '-d \'{"prompt": "How do I set a retry policy on an activity?"}\'',
                 "Ctrl-C stops everything.",
                 "",
             ]

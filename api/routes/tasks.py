@@ -136,6 +136,8 @@ async def get_task(
             status=status,
             stage="completed",
             domain=result.domain,
+            prompt=result.prompt,
+            chosen=[c.node_id for c in result.contributions],
             answer=result.answer,
             confidence=result.confidence,
             contributions=result.contributions,

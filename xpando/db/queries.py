@@ -44,7 +44,7 @@ async def _upsert(
         )
     else:
         stmt = stmt.on_conflict_do_nothing(index_elements=list(keys))
-    await session.exec(stmt)  # type: ignore[call-overload]
+    await session.exec(stmt)
 
 
 # --- nodes ---------------------------------------------------------------------------------------

@@ -1,0 +1,275 @@
+"""TaskWorkflow on the real dev server with real core and node workers (in process)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+from temporalio import activity
+from temporalio.client import Client, WorkflowFailureError
+from temporalio.exceptions import ApplicationError
+from temporalio.worker import Worker
+
+from tests.conftest import wait_for, wait_live
+from workers.core import build_core_worker
+from workers.node import NodeSpec, build_node, build_node_worker, register
+from workflows.task import TaskWorkflow
+from xpando.contracts import (
+    AnswerInput,
+    AnswerResult,
+    ContributionStatus,
+    NodeDomain,
+    NodeProfile,
+    TaskInput,
+    TaskResult,
+    TaskStage,
+    node_task_queue,
+)
+from xpando.db import SessionFactory, queries
+from xpando.settings import Settings
+
+HISTORY_DIR = Path(__file__).parent / "histories"
+
+
+def _ids(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:8]}"
+
+
+@asynccontextmanager
+async def network(
+    client: Client,
+    settings: Settings,
+    sessions: SessionFactory,
+    corpus_dir: Path,
+    nodes: list[tuple[str, str]],
+) -> AsyncIterator[list[NodeProfile]]:
+    """A core worker plus one offline node per (domain, region), registered and live."""
+    async with AsyncExitStack() as stack:
+        await stack.enter_async_context(
+            build_core_worker(client, sessions=sessions, settings=settings)
+        )
+        profiles = []
+        for domain, region in nodes:
+            spec = NodeSpec(
+                node_id=_ids(domain),
+                region=region,
+                domain=domain,
+                corpus=corpus_dir / f"{domain}.jsonl",
+            )
+            profile, provider = build_node(spec, data_dir=settings.data_dir)
+            await stack.enter_async_context(
+                build_node_worker(client, profile=profile, provider=provider)
+            )
+            await register(client, profile, core_task_queue=settings.core_task_queue)
+            profiles.append(profile)
+        await wait_live(client, *(p.task_queue for p in profiles))
+        yield profiles
+
+
+async def _run(
+    client: Client, settings: Settings, prompt: str, k: int = 3, **kw: object
+) -> TaskResult:
+    task_id = _ids("task")
+    return await client.execute_workflow(
+        TaskWorkflow.run,
+        TaskInput(task_id=task_id, prompt=prompt, k=k, **kw),  # type: ignore[arg-type]
+        id=task_id,
+        task_queue=settings.core_task_queue,
+    )
+
+
+async def test_task_is_answered_by_the_domain_expert_and_recorded(
+    client: Client, settings: Settings, sessions: SessionFactory, corpus_dir: Path
+) -> None:
+    nodes = [("cooking", "us-east"), ("astronomy", "eu-west"), ("gardening", "eu-west")]
+    async with network(client, settings, sessions, corpus_dir, nodes) as profiles:
+        task_id = _ids("task")
+        handle = await client.start_workflow(
+            TaskWorkflow.run,
+            TaskInput(task_id=task_id, prompt="How many minutes to boil a soft egg?", k=3),
+            id=task_id,
+            task_queue=settings.core_task_queue,
+        )
+        result = await handle.result()
+        if os.environ.get("XPANDO_RECORD_HISTORIES"):
+            history = await handle.fetch_history()
+            (HISTORY_DIR / "task_workflow.json").write_text(history.to_json())
+
+    cooking = profiles[0].node_id
+    by_node = {c.node_id: c for c in result.contributions}
+    assert set(by_node) == {p.node_id for p in profiles}
+    assert by_node[cooking].status == ContributionStatus.OK
+    assert by_node[cooking].citations[0].source == "cook/eggs"
+    assert all(by_node[p.node_id].status == ContributionStatus.NO_ANSWER for p in profiles[1:])
+    assert result.answer == by_node[cooking].answer and "six minutes" in result.answer
+    assert result.domain == "cooking" and 0 < result.confidence <= 1
+    assert by_node[cooking].quality > max(by_node[p.node_id].quality for p in profiles[1:])
+    assert by_node[cooking].region == "us-east" and by_node[cooking].provider == "offline"
+
+    async with sessions() as s:
+        found = await queries.get_task(session=s, task_id=task_id)
+    assert found is not None
+    task, rows = found
+    assert task.status == "completed" and task.answer == result.answer
+    assert sorted(r.node_id for r in rows) == sorted(by_node)
+
+    # Findable by its search attributes (visibility is eventually consistent).
+    query = f'WorkflowId="{task_id}" AND XpandoStatus="completed" AND XpandoDomain="cooking"'
+
+    async def listed() -> bool:
+        return [w.id async for w in client.list_workflows(query)] == [task_id]
+
+    await wait_for(listed, timeout=15)
+
+
+async def test_region_constraint_is_honoured(
+    client: Client, settings: Settings, sessions: SessionFactory, corpus_dir: Path
+) -> None:
+    nodes = [("cooking", "us-east"), ("cooking", "eu-west"), ("gardening", "eu-west")]
+    async with network(client, settings, sessions, corpus_dir, nodes):
+        result = await _run(
+            client, settings, "How do I knead bread dough?", k=3, regions=["eu-west"]
+        )
+    assert {c.region for c in result.contributions} == {"eu-west"}
+    assert len(result.contributions) == 2
+
+
+def _flaky_answer(fail_nodes: set[str], delay_s: float = 0.0) -> object:
+    @activity.defn(name="answer")
+    async def answer(input: AnswerInput) -> AnswerResult:
+        if delay_s:
+            await asyncio.sleep(delay_s)
+        if input.node_id in fail_nodes:
+            raise ApplicationError("provider refused", type="ProviderRefused", non_retryable=True)
+        return AnswerResult(
+            node_id=input.node_id,
+            region="eu-west",
+            provider="fake",
+            model="fake-1",
+            status=ContributionStatus.OK,
+            answer=f"bread needs yeast ({input.node_id})",
+            relevance=0.9,
+        )
+
+    return answer
+
+
+async def _register_fake_nodes(
+    sessions: SessionFactory, node_ids: list[str], fit: list[str]
+) -> None:
+    async with sessions() as s:
+        for node_id, keyword in zip(node_ids, fit, strict=True):
+            await queries.upsert_node(
+                session=s,
+                profile=NodeProfile(
+                    node_id=node_id,
+                    region="eu-west",
+                    provider="fake",
+                    model="fake-1",
+                    domains=[NodeDomain(name="baking", keywords=[keyword])],
+                ),
+                now=datetime.now(UTC),
+            )
+
+
+async def test_failed_expert_is_replaced_by_a_standby(
+    client: Client, settings: Settings, sessions: SessionFactory
+) -> None:
+    bad, good = _ids("bad"), _ids("good")
+    # The failing node fits the prompt best, so it is chosen; the other is its standby.
+    await _register_fake_nodes(sessions, [bad, good], ["bread yeast", "yeast"])
+    answer = _flaky_answer({bad})
+    async with AsyncExitStack() as stack:
+        await stack.enter_async_context(
+            build_core_worker(client, sessions=sessions, settings=settings)
+        )
+        for node_id in (bad, good):
+            await stack.enter_async_context(
+                Worker(client, task_queue=node_task_queue(node_id), activities=[answer])
+            )
+        await wait_live(client, node_task_queue(bad), node_task_queue(good))
+        result = await _run(client, settings, "why does bread need yeast", k=1)
+    by_node = {c.node_id: c for c in result.contributions}
+    assert by_node[bad].status == ContributionStatus.FAILED
+    assert "ProviderRefused" in (by_node[bad].error or "")
+    assert by_node[good].status == ContributionStatus.OK
+    assert result.answer == f"bread needs yeast ({good})"
+
+
+async def test_task_fails_clearly_when_every_expert_fails(
+    client: Client, settings: Settings, sessions: SessionFactory
+) -> None:
+    nodes = [_ids("bad"), _ids("bad")]
+    await _register_fake_nodes(sessions, nodes, ["bread", "yeast"])
+    answer = _flaky_answer(set(nodes))
+    async with AsyncExitStack() as stack:
+        await stack.enter_async_context(
+            build_core_worker(client, sessions=sessions, settings=settings)
+        )
+        for node_id in nodes:
+            await stack.enter_async_context(
+                Worker(client, task_queue=node_task_queue(node_id), activities=[answer])
+            )
+        await wait_live(client, *(node_task_queue(n) for n in nodes))
+        task_id = _ids("task")
+        with pytest.raises(WorkflowFailureError) as info:
+            await client.execute_workflow(
+                TaskWorkflow.run,
+                TaskInput(task_id=task_id, prompt="why does bread need yeast", k=2),
+                id=task_id,
+                task_queue=settings.core_task_queue,
+            )
+    cause = info.value.cause
+    assert isinstance(cause, ApplicationError) and cause.type == "AllExpertsFailed"
+    assert all(n in cause.message for n in nodes)  # the error names what was tried
+    async with sessions() as s:
+        found = await queries.get_task(session=s, task_id=task_id)
+    assert found is not None and found[0].status == "failed"
+    assert sorted(r.node_id for r in found[1]) == sorted(nodes)
+
+
+async def test_no_live_node_fails_with_a_typed_error(
+    client: Client, settings: Settings, sessions: SessionFactory
+) -> None:
+    # Registered, but no worker polls its queue: it must not be routed to.
+    await _register_fake_nodes(sessions, [_ids("ghost")], ["bread"])
+    async with build_core_worker(client, sessions=sessions, settings=settings):
+        with pytest.raises(WorkflowFailureError) as info:
+            await _run(client, settings, "why does bread need yeast", k=1)
+    cause = info.value.cause
+    assert isinstance(cause, ApplicationError) and cause.type == "NoExpertsAvailable"
+
+
+async def test_progress_query_shows_the_stage_while_experts_work(
+    client: Client, settings: Settings, sessions: SessionFactory
+) -> None:
+    node = _ids("slow")
+    await _register_fake_nodes(sessions, [node], ["bread"])
+    answer = _flaky_answer(set(), delay_s=1.5)
+    async with (
+        build_core_worker(client, sessions=sessions, settings=settings),
+        Worker(client, task_queue=node_task_queue(node), activities=[answer]),
+    ):
+        await wait_live(client, node_task_queue(node))
+        task_id = _ids("task")
+        handle = await client.start_workflow(
+            TaskWorkflow.run,
+            TaskInput(task_id=task_id, prompt="bread", k=1),
+            id=task_id,
+            task_queue=settings.core_task_queue,
+        )
+
+        async def answering() -> bool:
+            return (await handle.query(TaskWorkflow.progress)).stage == TaskStage.ANSWERING
+
+        await wait_for(answering, timeout=10, every=0.05)
+        progress = await handle.query(TaskWorkflow.progress)
+        assert progress.chosen == [node]
+        await handle.result()
+        assert (await handle.query(TaskWorkflow.progress)).stage == TaskStage.COMPLETED
