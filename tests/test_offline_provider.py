@@ -121,7 +121,9 @@ async def test_answers_are_deterministic() -> None:
     first = await make_provider().answer(request)
     second = await make_provider().answer(request)
     assert first == second
-    assert [c.source for c in first.citations] == ["temporal.timeouts", "temporal.retry"]
+    sources = [c.source for c in first.citations]
+    assert sources[0] == "temporal.timeouts" and "temporal.retry" in sources
+    assert "temporal.signal" not in sources
 
 
 async def test_long_passages_are_trimmed(tmp_path: Path) -> None:

@@ -72,6 +72,7 @@ def tokenize(text: str) -> list[str]:
     split on snake_case and camelCase boundaries while the whole identifier is kept, so
     ``"start_workflow"`` gives ``["start_workflow", "start", "workflow"]`` and ``"RetryPolicy"``
     gives ``["retrypolicy", "retry", "policy"]``. Stopwords and one-character tokens are dropped.
+    Word parts are reduced by :func:`stem` so "boiling", "boiled" and "boils" all match "boil".
     """
     tokens: list[str] = []
     for match in _WORD_RE.finditer(text):
@@ -80,8 +81,31 @@ def tokenize(text: str) -> list[str]:
         whole = word.strip("_").lower()
         if len(parts) > 1 and len(whole) >= 2 and whole not in STOPWORDS:
             tokens.append(whole)
-        tokens.extend(p for p in parts if len(p) >= 2 and p not in STOPWORDS)
+        tokens.extend(stem(p) for p in parts if len(p) >= 2 and p not in STOPWORDS)
     return tokens
+
+
+def stem(word: str) -> str:
+    """A deliberately light suffix stripper (plural, -ing, -ed), enough for retrieval recall.
+
+    ``activities → activity``, ``retrying → retry``, ``boiled → boil``, ``eggs → egg``; words
+    ending in -ss, -us, -is and short words are left alone.
+    """
+    if len(word) <= 3 or not word.isalpha():
+        return word
+    if word.endswith("ies") and len(word) > 4:
+        return word[:-3] + "y"
+    for suffix in ("ing", "ed"):
+        if word.endswith(suffix) and len(word) - len(suffix) >= 3:
+            base = word[: -len(suffix)]
+            if len(base) >= 4 and base[-1] == base[-2] and base[-1] not in "lsz":
+                base = base[:-1]  # running → run, stopped → stop
+            return base
+    if word.endswith("es") and word[-3] in "sxz" and len(word) > 4:
+        return word[:-2]
+    if word.endswith("s") and not word.endswith(("ss", "us", "is")):
+        return word[:-1]
+    return word
 
 
 @dataclass(frozen=True)
