@@ -79,6 +79,7 @@ def select(ranked: Sequence[Scored], *, k: int, standbys: int) -> tuple[list[Sco
             range(len(remaining)),
             key=lambda i: (
                 remaining[i].score * 0.9 ** pairs.get(_pair(remaining[i]), 0),
+                -pairs.get(_pair(remaining[i]), 0),  # equal scores: the new pair first
                 -i,
             ),
         )

@@ -103,15 +103,20 @@ def build_node_worker(
     )
 
 
+def registration_id(profile: NodeProfile) -> str:
+    """Same profile → same workflow id, so a repeated registration is one workflow."""
+    digest = hashlib.sha256(profile.model_dump_json().encode()).hexdigest()[:16]
+    return f"node-register-{profile.node_id}-{digest}"
+
+
 async def register(
     client: Client, profile: NodeProfile, *, core_task_queue: str
 ) -> RegisterNodeResult:
-    """Register through the core (idempotent: same profile → same workflow id)."""
-    digest = hashlib.sha256(profile.model_dump_json().encode()).hexdigest()[:16]
+    """Register through the core (an idempotent upsert behind a deterministic workflow id)."""
     handle = await client.start_workflow(
         NodeRegistrationWorkflow.run,
         RegisterNodeInput(profile=profile),
-        id=f"node-register-{profile.node_id}-{digest}",
+        id=registration_id(profile),
         task_queue=core_task_queue,
         id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
         id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE,

@@ -9,9 +9,13 @@ import sys
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from xpando.logs import configure_logging
 from xpando.settings import Settings
+
+if TYPE_CHECKING:
+    from temporalio.client import Client
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -150,7 +154,7 @@ async def _db_init(settings: Settings) -> None:
 async def _search_attributes(settings: Settings) -> list[str]:
     from xpando import temporal
 
-    client = await temporal.connect(settings)
+    client = await _connect(settings)
     return await temporal.ensure_search_attributes(client)
 
 
@@ -162,7 +166,14 @@ async def _task(args: argparse.Namespace, settings: Settings) -> int:
     from xpando import temporal
     from xpando.contracts import TaskInput
 
-    client = await temporal.connect(settings)
+    if args.action == "submit":
+        prompt = args.prompt.strip()
+        if not prompt:
+            raise CliError("the prompt is empty")
+        k = args.k or settings.default_k
+        if not 1 <= k <= 9:
+            raise CliError("--k must be between 1 and 9")
+    client = await _connect(settings)
     if args.action == "get":
         handle = client.get_workflow_handle_for(TaskWorkflow.run, args.task_id)
         desc = await handle.describe()
@@ -177,12 +188,6 @@ async def _task(args: argparse.Namespace, settings: Settings) -> int:
             return 1
         return 0
 
-    prompt = args.prompt.strip()
-    if not prompt:
-        raise CliError("the prompt is empty")
-    k = args.k or settings.default_k
-    if not 1 <= k <= 9:
-        raise CliError("--k must be between 1 and 9")
     task_id = args.id or f"task-{uuid.uuid4().hex}"
     handle = await client.start_workflow(
         TaskWorkflow.run,
@@ -201,6 +206,15 @@ async def _task(args: argparse.Namespace, settings: Settings) -> int:
             return 1
         print(result.model_dump_json(indent=2))
     return 0
+
+
+async def _connect(settings: Settings) -> Client:
+    from xpando import temporal
+
+    try:
+        return await temporal.connect(settings)
+    except RuntimeError as err:
+        raise CliError(f"cannot reach Temporal at {settings.temporal_target}: {err}") from err
 
 
 def _redact(dsn: str) -> str:
