@@ -67,7 +67,7 @@ def dev_network(
             try:
                 if httpx.get(f"{base}/healthz", timeout=2).status_code == 200:
                     nodes = httpx.get(f"{base}/v1/nodes", timeout=5).json()["nodes"]
-                    if len(nodes) >= 3 and all(n["live"] for n in nodes):
+                    if len(nodes) == int(env["XPANDO_DEV_NODES"]) and all(n["live"] for n in nodes):
                         break
             except httpx.HTTPError:
                 pass

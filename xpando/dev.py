@@ -214,12 +214,19 @@ class Supervisor:
             if dead:
                 return False
             try:
-                if httpx.get(url, timeout=2.0).status_code == 200:
+                if httpx.get(url, timeout=2.0).status_code == 200 and self._nodes_ready():
                     return True
             except httpx.HTTPError:
                 pass
             time.sleep(0.3)
         return False
+
+    def _nodes_ready(self) -> bool:
+        """Every dev node registered and polling its queue (so the first task has experts)."""
+        base = f"http://{self.settings.api_host}:{self.settings.api_port}"
+        nodes = httpx.get(f"{base}/v1/nodes", timeout=5.0).json().get("nodes", [])
+        wanted = {node_id for node_id, _, _ in dev_node_specs(self.settings)}
+        return wanted <= {n["node_id"] for n in nodes if n.get("live")}
 
     def banner(self) -> str:
         s = self.settings
