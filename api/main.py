@@ -8,7 +8,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from api import errors
-from api.routes import health, nodes, tasks
+from api.routes import health, nodes, payouts, tasks
 from xpando import __version__, temporal
 from xpando.db import create_engine, init_db, session_factory
 from xpando.settings import Settings, get_settings
@@ -43,4 +43,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(health.router)
     app.include_router(tasks.router)
     app.include_router(nodes.router)
+    app.include_router(payouts.router)
+    app.include_router(payouts.earnings_router)
     return app

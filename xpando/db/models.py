@@ -30,6 +30,7 @@ class Node(SQLModel, table=True):
     task_queue: str = Field(max_length=80)
     capacity: int = 4
     domains: list[dict[str, Any]] = Field(default_factory=list, sa_column=Column(JSON))
+    wallet: str | None = Field(default=None, max_length=64)  # base58 payout address (XPD)
     registered_at: datetime = _ts()
     updated_at: datetime = _ts()
 

@@ -16,6 +16,7 @@ from sqlmodel import SQLModel, col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from xpando.contracts import NodeProfile, RecordInput, RecordResult, TaskStage
+from xpando.db import ledger
 from xpando.db.models import Contribution, Knowledge, Node, Task
 
 
@@ -63,6 +64,7 @@ async def upsert_node(
         "task_queue": profile.task_queue,
         "capacity": profile.capacity,
         "domains": [d.model_dump() for d in profile.domains],
+        "wallet": profile.wallet,
         "registered_at": now,
         "updated_at": now,
     }
@@ -71,7 +73,16 @@ async def upsert_node(
         Node,
         values,
         keys=["node_id"],
-        update=["region", "provider", "model", "task_queue", "capacity", "domains", "updated_at"],
+        update=[
+            "region",
+            "provider",
+            "model",
+            "task_queue",
+            "capacity",
+            "domains",
+            "wallet",
+            "updated_at",
+        ],
     )
     await session.commit()
     if existing is not None:
@@ -175,6 +186,7 @@ async def record_task(*, session: AsyncSession, record: RecordInput, now: dateti
             keys=["knowledge_id"],
             update=["answer", "confidence", "nodes", "updated_at"],
         )
+    await ledger.accrue(session=session, record=record, now=now)
     await session.commit()
     return RecordResult(
         task_id=record.task_id,

@@ -1,0 +1,341 @@
+"""``/v1/payouts``: XPD payouts per epoch (settle, approve, read) and a node's earnings."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Path, Query, Response
+from pydantic import BaseModel, ConfigDict, Field
+from temporalio.client import (
+    WorkflowExecutionStatus,
+    WorkflowHandle,
+    WorkflowUpdateFailedError,
+)
+from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
+from temporalio.exceptions import WorkflowAlreadyStartedError
+from temporalio.service import RPCError, RPCStatusCode
+
+from api.deps import SessionDep, SettingsDep, TemporalClientDep
+from api.errors import ApiError
+from workflows.payout import PayoutSagaWorkflow
+from xpando import rewards
+from xpando.contracts_payouts import (
+    ApproveInput,
+    PayoutSagaInput,
+    PayoutSagaResult,
+    epoch_workflow_id,
+)
+from xpando.db import ledger
+from xpando.db.ledger_models import Payout
+from xpando.logs import get_logger
+from xpando.settings import Settings
+
+router = APIRouter(prefix="/v1/payouts", tags=["payouts"])
+earnings_router = APIRouter(prefix="/v1/nodes", tags=["nodes"])
+log = get_logger(__name__)
+
+MAX_EPOCH = 2**40
+EpochPath = Annotated[int, Path(ge=0, le=MAX_EPOCH, description="Epoch number")]
+NodeIdPath = Annotated[
+    str,
+    Path(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$"),
+]
+PAYOUT_STATUSES = r"^(prepared|signed|sent|confirmed|finalized|failed|carried_over)$"
+
+
+class PayoutView(BaseModel):
+    payout_id: str = Field(description="xpd-<epoch>-<node_id>; also the memo of its transfer")
+    epoch: int
+    node_id: str
+    wallet: str | None
+    points: int
+    earned: int = Field(description="This epoch's share, in base units")
+    carried_in: int = Field(description="Carried over from earlier epochs, in base units")
+    amount: int = Field(description="earned + carried_in: what this payout transfers")
+    status: str
+    reason: str | None = None
+    carried_into: str | None = None
+    signature: str | None = None
+    signatures: list[str] = Field(default_factory=list)
+    attempts: int = 0
+    slot: int | None = None
+    error: str | None = None
+    created_at: datetime | None = None
+    signed_at: datetime | None = None
+    sent_at: datetime | None = None
+    confirmed_at: datetime | None = None
+
+
+class PayoutList(BaseModel):
+    payouts: list[PayoutView]
+    count: int
+    total: int
+
+
+class EpochLinks(BaseModel):
+    self: str
+    payouts: str
+    ui: str
+
+
+class EpochView(BaseModel):
+    epoch: int
+    status: str
+    workflow_id: str
+    stage: str | None = None
+    starts_at: datetime | None = None
+    ends_at: datetime | None = None
+    emission: int = 0
+    accruals: int = 0
+    payouts: int = 0
+    total: int = 0
+    payable: int = 0
+    reserved: int | None = None
+    released: int = 0
+    paid: int = 0
+    carried_over: int = 0
+    approval_required: bool = False
+    approver: str | None = None
+    approved_at: datetime | None = None
+    reconciled: bool | None = None
+    reconcile_report: dict[str, Any] = Field(default_factory=dict)
+    error: str | None = None
+    closed_at: datetime | None = None
+    settled_at: datetime | None = None
+    links: EpochLinks
+
+
+class SettleAccepted(BaseModel):
+    epoch: int
+    workflow_id: str
+    status: str = Field(description="started, running, completed, failed, …")
+    result: PayoutSagaResult | None = None
+    links: EpochLinks
+
+
+class ApproveBody(BaseModel):
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
+
+    approver: str = Field(min_length=1, max_length=64, description="Who approves the payouts")
+    note: str = Field("", max_length=500)
+
+
+class ApproveView(BaseModel):
+    epoch: int
+    approver: str
+    approved_at: datetime
+
+
+class PendingEarnings(BaseModel):
+    accruals: int = Field(description="Scored contributions not yet in a closed epoch")
+    quality_ppm: int = Field(description="Their summed quality (parts per million)")
+
+
+class EarningsView(BaseModel):
+    node_id: str
+    wallet: str | None
+    pending: PendingEarnings
+    earned: int = Field(description="All epochs' shares, in base units")
+    paid: int = Field(description="Confirmed on chain, in base units")
+    carried_over: int = Field(description="Owed, waiting for a later epoch (see reasons)")
+    in_flight: int = Field(description="In an epoch being paid right now")
+    payouts: list[PayoutView]
+
+
+def _links(settings: Settings, epoch: int) -> EpochLinks:
+    base = settings.api_base
+    return EpochLinks(
+        self=f"{base}/v1/payouts/epochs/{epoch}",
+        payouts=f"{base}/v1/payouts?epoch={epoch}",
+        ui=settings.workflow_ui_url(epoch_workflow_id(epoch)),
+    )
+
+
+def _view(p: Payout) -> PayoutView:
+    return PayoutView(
+        payout_id=p.payout_id,
+        epoch=p.epoch,
+        node_id=p.node_id,
+        wallet=p.wallet,
+        points=p.points,
+        earned=p.earned,
+        carried_in=p.carried_in,
+        amount=p.amount,
+        status=p.status,
+        reason=p.reason,
+        carried_into=p.carried_into,
+        signature=p.signature,
+        signatures=list(p.signatures or []),
+        attempts=p.attempts,
+        slot=p.slot,
+        error=p.error,
+        created_at=_utc(p.created_at),
+        signed_at=_utc(p.signed_at),
+        sent_at=_utc(p.sent_at),
+        confirmed_at=_utc(p.confirmed_at),
+    )
+
+
+def _utc(value: datetime | None) -> datetime | None:
+    return None if value is None else ledger.utc(value)
+
+
+@router.get("", response_model=PayoutList)
+async def list_payouts(
+    session: SessionDep,
+    node: Annotated[
+        str | None, Query(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    ] = None,
+    epoch: Annotated[int | None, Query(ge=0, le=MAX_EPOCH)] = None,
+    status: Annotated[str | None, Query(pattern=PAYOUT_STATUSES)] = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    offset: Annotated[int, Query(ge=0)] = 0,
+) -> PayoutList:
+    """Payouts, newest epoch first, with their transaction signatures."""
+    rows, total = await ledger.list_payouts(
+        session=session, node_id=node, epoch=epoch, status=status, limit=limit, offset=offset
+    )
+    return PayoutList(payouts=[_view(p) for p in rows], count=len(rows), total=total)
+
+
+@router.get("/epochs/{epoch}", response_model=EpochView)
+async def get_epoch(
+    epoch: EpochPath, session: SessionDep, client: TemporalClientDep, settings: SettingsDep
+) -> EpochView:
+    row = await ledger.get_epoch(session=session, epoch=epoch)
+    if row is None:
+        raise ApiError(404, "epoch_not_found", f"epoch {epoch} has not been closed")
+    stage: str | None = None
+    handle = client.get_workflow_handle_for(PayoutSagaWorkflow.run, epoch_workflow_id(epoch))
+    try:
+        stage = (await handle.query(PayoutSagaWorkflow.progress)).stage.value
+    except RPCError:
+        stage = None  # finished long ago, or no core worker to answer right now
+    return EpochView(
+        epoch=row.epoch,
+        status=row.status,
+        workflow_id=row.workflow_id,
+        stage=stage,
+        starts_at=_utc(row.starts_at),
+        ends_at=_utc(row.ends_at),
+        emission=row.emission,
+        accruals=row.accruals,
+        payouts=row.payouts,
+        total=row.total,
+        payable=row.payable,
+        reserved=row.reserved,
+        released=row.released,
+        paid=row.paid,
+        carried_over=row.carried_over,
+        approval_required=row.approval_required,
+        approver=row.approver,
+        approved_at=_utc(row.approved_at),
+        reconciled=row.reconciled,
+        reconcile_report=row.reconcile_report or {},
+        error=row.error,
+        closed_at=_utc(row.closed_at),
+        settled_at=_utc(row.settled_at),
+        links=_links(settings, epoch),
+    )
+
+
+@router.post("/epochs/{epoch}/settle", status_code=202, response_model=SettleAccepted)
+async def settle_epoch(
+    epoch: EpochPath, response: Response, client: TemporalClientDep, settings: SettingsDep
+) -> SettleAccepted:
+    """Start the epoch's payout saga (idempotent: one saga per epoch; a failed one may be
+    started again and resumes from the ledger)."""
+    current = rewards.epoch_of(datetime.now(UTC).timestamp(), settings.payout_epoch_s)
+    if epoch >= current:
+        _, end = rewards.epoch_bounds(epoch, settings.payout_epoch_s)
+        raise ApiError(
+            409,
+            "epoch_not_ended",
+            f"epoch {epoch} ends at {datetime.fromtimestamp(end, UTC).isoformat()}; "
+            f"the current epoch is {current}",
+        )
+    workflow_id = epoch_workflow_id(epoch)
+    handle: WorkflowHandle[PayoutSagaWorkflow, PayoutSagaResult]
+    try:
+        handle = await client.start_workflow(
+            PayoutSagaWorkflow.run,
+            PayoutSagaInput(epoch=epoch),
+            id=workflow_id,
+            task_queue=settings.core_task_queue,
+            id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
+            id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE_FAILED_ONLY,
+        )
+    except WorkflowAlreadyStartedError:
+        handle = client.get_workflow_handle_for(PayoutSagaWorkflow.run, workflow_id)
+    desc = await handle.describe()
+    status = (desc.status or WorkflowExecutionStatus.RUNNING).name.lower()
+    result: PayoutSagaResult | None = None
+    if desc.status == WorkflowExecutionStatus.COMPLETED:
+        result = await handle.result()
+        response.status_code = 200
+    elif desc.status == WorkflowExecutionStatus.RUNNING and desc.start_time is not None:
+        started_now = (datetime.now(UTC) - desc.start_time).total_seconds() < 5
+        status = "started" if started_now else "running"
+    response.headers["Location"] = f"/v1/payouts/epochs/{epoch}"
+    log.info("epoch settle requested", epoch=epoch, status=status)
+    return SettleAccepted(
+        epoch=epoch,
+        workflow_id=workflow_id,
+        status=status,
+        result=result,
+        links=_links(settings, epoch),
+    )
+
+
+@router.post("/epochs/{epoch}/approve", response_model=ApproveView)
+async def approve_epoch(
+    epoch: EpochPath, body: ApproveBody, client: TemporalClientDep
+) -> ApproveView:
+    """Approve an epoch whose total is above the approval threshold (a workflow update)."""
+    handle = client.get_workflow_handle_for(PayoutSagaWorkflow.run, epoch_workflow_id(epoch))
+    try:
+        result = await handle.execute_update(
+            PayoutSagaWorkflow.approve, ApproveInput(approver=body.approver, note=body.note)
+        )
+    except WorkflowUpdateFailedError as err:
+        cause = err.cause
+        raise ApiError(
+            409, "not_awaiting_approval", getattr(cause, "message", None) or str(cause)
+        ) from err
+    except RPCError as err:
+        if err.status == RPCStatusCode.NOT_FOUND:
+            if "completed" in str(err).lower():
+                raise ApiError(
+                    409, "not_awaiting_approval", f"the saga of epoch {epoch} has finished"
+                ) from err
+            raise ApiError(
+                404, "epoch_not_settling", f"no payout saga for epoch {epoch}; settle it first"
+            ) from err
+        raise
+    log.info("epoch approved", epoch=epoch, approver=body.approver)
+    return ApproveView(epoch=result.epoch, approver=result.approver, approved_at=result.approved_at)
+
+
+@earnings_router.get("/{node_id}/earnings", response_model=EarningsView)
+async def node_earnings(
+    node_id: NodeIdPath,
+    session: SessionDep,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 50,
+) -> EarningsView:
+    """What a node has earned, been paid (with signatures), and is owed."""
+    found = await ledger.earnings(session=session, node_id=node_id, limit=limit)
+    if found is None:
+        raise ApiError(404, "node_not_found", f"no node {node_id!r} and no earnings for it")
+    return EarningsView(
+        node_id=found.node_id,
+        wallet=found.wallet,
+        pending=PendingEarnings(
+            accruals=found.pending_accruals, quality_ppm=found.pending_quality_ppm
+        ),
+        earned=found.earned,
+        paid=found.paid,
+        carried_over=found.carried_over,
+        in_flight=found.in_flight,
+        payouts=[_view(p) for p in found.payouts],
+    )
