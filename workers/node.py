@@ -20,6 +20,7 @@ from workflows.node_registration import NodeRegistrationWorkflow
 from xpando import temporal
 from xpando.contracts import NodeDomain, NodeProfile, RegisterNodeInput, RegisterNodeResult
 from xpando.corpus import DEV_DOMAINS, ensure_domain_corpus
+from xpando.keys import load_or_create_keypair, node_key_path
 from xpando.logs import get_logger
 from xpando.retrieval import RetrievalIndex, load_passages
 from xpando.settings import Settings
@@ -103,6 +104,13 @@ def build_node_worker(
     )
 
 
+def with_wallet(profile: NodeProfile, *, data_dir: Path) -> NodeProfile:
+    """The profile with the node's payout address: the public key of its identity keypair at
+    ``<data_dir>/keys/<node_id>.json`` (created, mode 0600, on first start)."""
+    keypair = load_or_create_keypair(node_key_path(data_dir, profile.node_id))
+    return profile.model_copy(update={"wallet": str(keypair.pubkey())})
+
+
 def registration_id(profile: NodeProfile) -> str:
     """Same profile → same workflow id, so a repeated registration is one workflow."""
     digest = hashlib.sha256(profile.model_dump_json().encode()).hexdigest()[:16]
@@ -126,6 +134,7 @@ async def register(
 
 async def run_node_worker(settings: Settings, spec: NodeSpec) -> None:
     profile, provider = await asyncio.to_thread(build_node, spec, data_dir=settings.data_dir)
+    profile = with_wallet(profile, data_dir=settings.data_dir)
     client = await temporal.connect(settings, attempts=60)
     worker = build_node_worker(
         client,

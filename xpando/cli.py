@@ -44,6 +44,14 @@ def _parser() -> argparse.ArgumentParser:
 
     sub.add_parser("search-attributes", help="register xpando's search attributes (idempotent)")
 
+    chain = sub.add_parser("chain", help="the chain XPD is paid on")
+    csub = chain.add_subparsers(dest="action", required=True)
+    csub.add_parser(
+        "init",
+        help="embedded: create the XPD mint, the treasury and its token account, fund it "
+        "(idempotent); rpc: check the configured mint and treasury",
+    )
+
     task = sub.add_parser("task", help="submit and read tasks through Temporal")
     tsub = task.add_subparsers(dest="action", required=True)
     submit = tsub.add_parser("submit", help="start a TaskWorkflow")
@@ -111,6 +119,8 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
         return 0
     if args.command == "task":
         return asyncio.run(_task(args, settings))
+    if args.command == "chain":
+        return _chain_init(settings)
     raise CliError(f"unknown command {args.command}")
 
 
@@ -149,6 +159,27 @@ async def _db_init(settings: Settings) -> None:
         await init_db(engine)
     finally:
         await engine.dispose()
+
+
+def _chain_init(settings: Settings) -> int:
+    from activities.chain import ChainError, init_chain
+    from xpando.keys import KeyFileError
+
+    try:
+        info = asyncio.run(init_chain(settings))
+    except (ChainError, KeyFileError) as err:
+        raise CliError(str(err)) from err
+    whole, frac = divmod(info.balance, 10**info.decimals)
+    balance = f"{whole}.{frac:0{info.decimals}d}" if info.decimals else str(whole)
+    state = "created" if info.created else "ready"
+    print(f"{info.kind} chain {state}")
+    print(f"  mint                    {info.mint} ({info.decimals} decimals)")
+    print(f"  treasury                {info.treasury}")
+    print(f"  treasury token account  {info.treasury_token_account}")
+    print(f"  treasury balance        {balance} XPD ({info.balance} base units)")
+    if info.kind == "embedded":
+        print(f"  state                   {(settings.data_dir / 'chain').resolve()}")
+    return 0
 
 
 async def _search_attributes(settings: Settings) -> list[str]:

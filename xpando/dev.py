@@ -195,6 +195,16 @@ class Supervisor:
         engine = create_engine(s.database_dsn)
         await init_db(engine)
         await engine.dispose()
+        if s.chain == "embedded":  # first start: the XPD mint, the treasury, its funds
+            from activities.chain import init_chain
+
+            chain = await init_chain(s)
+            log.info(
+                "chain ready" if not chain.created else "chain created",
+                mint=chain.mint,
+                treasury=chain.treasury,
+                balance=chain.balance,
+            )
         # Build the dev nodes' corpora once, here, rather than in N node processes at once.
         for domain in sorted({d for _, _, d in dev_node_specs(s)}):
             started = time.monotonic()
