@@ -49,7 +49,20 @@ class NodeActivities:
         except asyncio.CancelledError:
             call.cancel()
             raise
-        reply = call.result()
+        try:
+            reply = call.result()
+        except ApplicationError as err:
+            # Classified by the provider (errors.py); the type and retryability go to Temporal.
+            log.warning(
+                "provider call failed",
+                task_id=input.task_id,
+                node_id=input.node_id,
+                attempt=info.attempt,
+                error_type=err.type,
+                retryable=not err.non_retryable,
+                error=err.message,
+            )
+            raise
         return AnswerResult(
             node_id=self._profile.node_id,
             region=self._profile.region,
@@ -64,6 +77,8 @@ class NodeActivities:
             output_tokens=reply.output_tokens,
             finish_reason=reply.finish_reason,
             attempt=info.attempt,
+            cost_usd=reply.cost_usd,
+            request_id=reply.request_id,
         )
 
     async def _call(self, input: AnswerInput) -> ProviderReply:

@@ -8,13 +8,20 @@ from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
+from pydantic import SecretStr
 from temporalio.client import Client
 from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
 from temporalio.worker import Worker
 
 from activities.node import NodeActivities
-from activities.providers.base import Provider
+from activities.providers.base import Pricing, Provider, ProviderConfig
 from activities.providers.offline import OfflineRetrievalProvider
+from activities.providers.registry import (
+    DEFAULT_MODELS,
+    MODEL_PROVIDERS,
+    ProviderConfigError,
+    make_provider,
+)
 from workers.runtime import stop_on_signals
 from workflows.node_registration import NodeRegistrationWorkflow
 from xpando import temporal
@@ -39,10 +46,18 @@ class NodeSpec:
     node_id: str
     region: str
     provider: str = "offline"
-    model: str = "bm25-retrieval"
+    model: str | None = None  # default: bm25-retrieval (offline) or the provider's default
     domain: str | None = None
     corpus: Path | None = None
     simulated_latency_ms: int = 0
+    # language-model nodes (the key is a SecretStr: it is never logged or put in a payload)
+    base_url: str | None = None
+    api_key: SecretStr | None = None
+    timeout_s: float = 60.0
+    connect_timeout_s: float = 5.0
+    max_output_tokens: int = 1024
+    price_input_per_mtok: float = 0.0
+    price_output_per_mtok: float = 0.0
 
 
 def build_offline_node(spec: NodeSpec, *, data_dir: Path) -> tuple[NodeProfile, Provider]:
@@ -66,7 +81,7 @@ def build_offline_node(spec: NodeSpec, *, data_dir: Path) -> tuple[NodeProfile, 
         node_id=spec.node_id,
         region=spec.region,
         provider="offline",
-        model=spec.model if spec.provider == "offline" else "bm25-retrieval",
+        model=(spec.model if spec.provider == "offline" else None) or "bm25-retrieval",
         domains=[
             NodeDomain(
                 name=domain_name,
@@ -79,13 +94,53 @@ def build_offline_node(spec: NodeSpec, *, data_dir: Path) -> tuple[NodeProfile, 
     return profile, provider
 
 
-def build_node(spec: NodeSpec, *, data_dir: Path) -> tuple[NodeProfile, Provider]:
-    if spec.provider != "offline":
+def build_model_node(spec: NodeSpec) -> tuple[NodeProfile, Provider]:
+    """A node answering through a language-model provider's SDK.
+
+    Its domain (for routing) is ``--domain`` (with the built-in description when it is one of
+    the dev domains) or ``general``; a model node answers any question, so it is routed by
+    score after the domain experts.
+    """
+    model = spec.model or DEFAULT_MODELS.get(spec.provider)
+    if not model:
         raise NodeConfigError(
-            f"node {spec.node_id!r}: provider {spec.provider!r} is not available in this version; "
-            "use 'offline'"
+            f"node {spec.node_id!r}: provider {spec.provider!r} needs a model (--model NAME)"
         )
-    return build_offline_node(spec, data_dir=data_dir)
+    config = ProviderConfig(
+        provider=spec.provider,
+        model=model,
+        api_key=spec.api_key,
+        base_url=spec.base_url,
+        timeout_s=spec.timeout_s,
+        connect_timeout_s=spec.connect_timeout_s,
+        max_output_tokens=spec.max_output_tokens,
+        pricing=Pricing(spec.price_input_per_mtok, spec.price_output_per_mtok),
+    )
+    try:
+        provider = make_provider(config)
+    except ProviderConfigError as err:
+        raise NodeConfigError(f"node {spec.node_id!r}: {err}") from err
+    domain_name = spec.domain or "general"
+    description = DEV_DOMAINS[domain_name].description if domain_name in DEV_DOMAINS else ""
+    profile = NodeProfile(
+        node_id=spec.node_id,
+        region=spec.region,
+        provider=spec.provider,
+        model=model,
+        domains=[NodeDomain(name=domain_name, description=description)],
+    )
+    return profile, provider
+
+
+def build_node(spec: NodeSpec, *, data_dir: Path) -> tuple[NodeProfile, Provider]:
+    if spec.provider == "offline":
+        return build_offline_node(spec, data_dir=data_dir)
+    if spec.provider in MODEL_PROVIDERS:
+        return build_model_node(spec)
+    raise NodeConfigError(
+        f"node {spec.node_id!r}: unknown provider {spec.provider!r}; expected one of "
+        f"{', '.join(('offline', *MODEL_PROVIDERS))}"
+    )
 
 
 def build_node_worker(
@@ -154,6 +209,8 @@ async def run_node_worker(settings: Settings, spec: NodeSpec) -> None:
         node_id=profile.node_id,
         region=profile.region,
         task_queue=profile.task_queue,
+        provider=profile.provider,
+        model=profile.model,
         domains=[d.name for d in profile.domains],
     )
     try:

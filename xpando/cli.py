@@ -35,6 +35,23 @@ def _parser() -> argparse.ArgumentParser:
     node.add_argument("--provider", help="provider (default XPANDO_NODE_PROVIDER, 'offline')")
     node.add_argument("--model", help="model name (default XPANDO_NODE_MODEL)")
     node.add_argument("--simulated-latency-ms", type=int, help="extra latency per answer")
+    node.add_argument(
+        "--base-url", help="provider API base URL (XPANDO_NODE_BASE_URL; openai-compatible)"
+    )
+    node.add_argument("--timeout-s", type=float, help="one provider call (XPANDO_NODE_TIMEOUT_S)")
+    node.add_argument(
+        "--max-output-tokens", type=int, help="answer length limit (XPANDO_NODE_MAX_OUTPUT_TOKENS)"
+    )
+    node.add_argument(
+        "--price-input",
+        type=float,
+        help="USD per 1M input tokens (XPANDO_NODE_PRICE_INPUT_PER_MTOK)",
+    )
+    node.add_argument(
+        "--price-output",
+        type=float,
+        help="USD per 1M output tokens (XPANDO_NODE_PRICE_OUTPUT_PER_MTOK)",
+    )
 
     sub.add_parser("api", help="run the HTTP API (uvicorn)")
 
@@ -135,14 +152,40 @@ def _run_node(args: argparse.Namespace, settings: Settings) -> int:
         latency = settings.node_simulated_latency_ms
     if latency < 0:
         raise CliError("--simulated-latency-ms must be >= 0")
+
+    def _pick(flag: float | int | None, setting: float | int, name: str, low: float) -> float:
+        value = setting if flag is None else flag
+        if value < low:
+            raise CliError(f"{name} must be >= {low:g}")
+        return value
+
+    provider = args.provider or settings.node_provider
     spec = NodeSpec(
         node_id=node_id,
         region=args.region or settings.node_region,
-        provider=args.provider or settings.node_provider,
+        provider=provider,
         model=args.model or settings.node_model,
         domain=args.domain or settings.node_domain,
         corpus=args.corpus or settings.node_corpus,
         simulated_latency_ms=latency,
+        base_url=args.base_url or settings.node_base_url,
+        api_key=settings.provider_key(provider),  # keys only from the environment, never argv
+        timeout_s=_pick(args.timeout_s, settings.node_timeout_s, "--timeout-s", 0.001),
+        connect_timeout_s=settings.node_connect_timeout_s,
+        max_output_tokens=int(
+            _pick(
+                args.max_output_tokens,
+                settings.node_max_output_tokens,
+                "--max-output-tokens",
+                1,
+            )
+        ),
+        price_input_per_mtok=_pick(
+            args.price_input, settings.node_price_input_per_mtok, "--price-input", 0
+        ),
+        price_output_per_mtok=_pick(
+            args.price_output, settings.node_price_output_per_mtok, "--price-output", 0
+        ),
     )
     try:
         asyncio.run(run_node_worker(settings, spec))

@@ -112,6 +112,9 @@ class Contribution(Contract):
     finish_reason: str | None = None
     error: str | None = None
     attempts: int = Field(1, ge=1)
+    cost_usd: float = Field(0.0, ge=0.0)  # from the node's prices; also for failed answers
+    request_id: str | None = None  # the provider's id for the (last) call
+    error_type: str | None = None  # e.g. ProviderRateLimited, DeadlineExceeded (see errors.py)
 
 
 class TaskProgress(Contract):
@@ -198,6 +201,8 @@ class AnswerResult(Contract):
     output_tokens: int = Field(0, ge=0)
     finish_reason: str | None = None
     attempt: int = Field(1, ge=1)
+    cost_usd: float = Field(0.0, ge=0.0)
+    request_id: str | None = None
 
 
 class AggregateInput(Contract):

@@ -6,7 +6,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
@@ -14,7 +14,11 @@ class Settings(BaseSettings):
     """Every port, path, count and limit xpando uses. See the README's configuration table."""
 
     model_config = SettingsConfigDict(
-        env_prefix="XPANDO_", env_file=".env", env_file_encoding="utf-8", extra="ignore"
+        env_prefix="XPANDO_",
+        env_file=".env",
+        env_file_encoding="utf-8",
+        extra="ignore",
+        populate_by_name=True,  # provider keys also come by their conventional names
     )
 
     # --- local state --------------------------------------------------------------------------
@@ -65,11 +69,50 @@ class Settings(BaseSettings):
     node_id: str | None = Field(None, description="`xpando worker node`: this node's id")
     node_region: str = "local"
     node_provider: str = "offline"
-    node_model: str = "bm25-retrieval"
+    node_model: str | None = Field(
+        None, description="Model; default bm25-retrieval (offline) or the provider's default"
+    )
     node_domain: str | None = Field(None, description="Domain of a node's corpus")
     node_corpus: Path | None = Field(None, description="Corpus file (JSONL) of an offline node")
     node_simulated_latency_ms: int = Field(
         0, ge=0, description="Extra latency per answer, for demos and fault tests."
+    )
+    # a language-model node (provider openai, openai-compatible, anthropic, gemini)
+    node_base_url: str | None = Field(
+        None, description="Provider API base URL (required for openai-compatible)"
+    )
+    node_api_key: SecretStr | None = Field(
+        None, description="This node's provider key; default the provider's own variable"
+    )
+    node_timeout_s: float = Field(60.0, gt=0, description="One provider call, end to end")
+    node_connect_timeout_s: float = Field(5.0, gt=0, description="Connecting to the provider")
+    node_max_output_tokens: int = Field(1024, ge=1, le=200_000)
+    node_price_input_per_mtok: float = Field(
+        0.0, ge=0, description="USD per 1M input tokens (cost accounting)"
+    )
+    node_price_output_per_mtok: float = Field(
+        0.0, ge=0, description="USD per 1M output tokens (cost accounting)"
+    )
+    openai_api_key: SecretStr | None = Field(
+        None, validation_alias=AliasChoices("XPANDO_OPENAI_API_KEY", "OPENAI_API_KEY")
+    )
+    anthropic_api_key: SecretStr | None = Field(
+        None, validation_alias=AliasChoices("XPANDO_ANTHROPIC_API_KEY", "ANTHROPIC_API_KEY")
+    )
+    gemini_api_key: SecretStr | None = Field(
+        None,
+        validation_alias=AliasChoices("XPANDO_GEMINI_API_KEY", "GEMINI_API_KEY", "GOOGLE_API_KEY"),
+    )
+
+    # --- circuit breakers (per node, and per provider within a region) -------------------------
+    breaker_failures: int = Field(
+        3, ge=1, description="Consecutive failed asks that open a node's breaker"
+    )
+    breaker_provider_failures: int = Field(
+        5, ge=1, description="Consecutive failures of a provider in a region that open its breaker"
+    )
+    breaker_cooldown_s: float = Field(
+        30.0, gt=0, description="How long a breaker stays open before it lets one probe through"
     )
 
     # --- embeddings (routing, Mother Core) ------------------------------------------------------
@@ -161,6 +204,17 @@ class Settings(BaseSettings):
         return (
             self.temporal_ui_url or f"http://{self.temporal_host}:{self.temporal_ui_port}"
         ).rstrip("/")
+
+    def provider_key(self, provider: str) -> SecretStr | None:
+        """The key a node of ``provider`` uses: XPANDO_NODE_API_KEY, else the provider's own."""
+        if self.node_api_key is not None and self.node_api_key.get_secret_value():
+            return self.node_api_key
+        return {
+            "openai": self.openai_api_key,
+            "openai-compatible": self.openai_api_key,
+            "anthropic": self.anthropic_api_key,
+            "gemini": self.gemini_api_key,
+        }.get(provider)
 
     @property
     def api_base(self) -> str:
