@@ -7,7 +7,10 @@ names a domain adds 1.0 to the fit of nodes serving it.
 
 Selection is greedy by score with a diversity rule: among nodes of equal score the one whose
 (provider, region) pair is not yet chosen goes first, and each repeat of a pair costs 10 % of
-the score. Standbys are the next best live nodes, used when a chosen expert fails.
+the score. Standbys are the next best live nodes, used when a chosen expert fails or is slow;
+each next standby prefers a provider not yet among the chosen experts and earlier standbys, so a
+provider-wide outage can be answered around. Nodes behind an open circuit breaker
+(``activities/breaker.py``) are filtered out before scoring reaches selection.
 """
 
 from __future__ import annotations
@@ -86,7 +89,21 @@ def select(ranked: Sequence[Scored], *, k: int, standbys: int) -> tuple[list[Sco
         pick = remaining.pop(best_index)
         pairs[_pair(pick)] = pairs.get(_pair(pick), 0) + 1
         chosen.append(pick)
-    return chosen, remaining[:standbys]
+    return chosen, pick_standbys(remaining, chosen, standbys)
+
+
+def pick_standbys(remaining: Sequence[Scored], chosen: Sequence[Scored], n: int) -> list[Scored]:
+    """The ``n`` best of ``remaining`` in score order, each preferring a provider not yet used
+    by ``chosen`` or an earlier standby (when every provider is used, simply the next best)."""
+    pool = list(remaining)
+    used = {s.node.provider for s in chosen}
+    out: list[Scored] = []
+    while pool and len(out) < n:
+        index = next((i for i, s in enumerate(pool) if s.node.provider not in used), 0)
+        pick = pool.pop(index)
+        used.add(pick.node.provider)
+        out.append(pick)
+    return out
 
 
 def _pair(s: Scored) -> tuple[str, str]:

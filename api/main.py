@@ -8,7 +8,8 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from api import errors
-from api.routes import health, nodes, payouts, tasks
+from api.routes import health, knowledge, nodes, payouts, tasks
+from workers.core import build_knowledge_index
 from xpando import __version__, temporal
 from xpando.db import create_engine, init_db, session_factory
 from xpando.settings import Settings, get_settings
@@ -28,6 +29,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.engine = engine
         app.state.sessions = session_factory(engine)
         app.state.liveness = NodeLiveness(client, max_age_s=settings.node_liveness_s)
+        app.state.knowledge = build_knowledge_index(app.state.sessions, settings)
         try:
             yield
         finally:
@@ -45,4 +47,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(nodes.router)
     app.include_router(payouts.router)
     app.include_router(payouts.earnings_router)
+    app.include_router(knowledge.router)
     return app

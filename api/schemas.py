@@ -7,7 +7,13 @@ from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
-from xpando.contracts import Contribution, NodeDomain
+from xpando.contracts import (
+    AggregationStrategy,
+    Contribution,
+    KnowledgeReuse,
+    NodeDomain,
+    Provenance,
+)
 
 PROMPT_MAX_CHARS = 8000
 K_MIN, K_MAX = 1, 9
@@ -31,6 +37,10 @@ class TaskCreate(BaseModel):
     regions: list[Region] = Field(
         default_factory=list, max_length=8, description="Only route to nodes in these regions"
     )
+    strategy: AggregationStrategy | None = Field(
+        None, description="synthesize, consensus or best (default: XPANDO_AGGREGATION_STRATEGY)"
+    )
+    fresh: bool = Field(False, description="Ask the experts even if stored knowledge matches")
 
 
 class Links(BaseModel):
@@ -55,6 +65,10 @@ class TaskView(BaseModel):
     chosen: list[str] = Field(default_factory=list)
     contributions: list[Contribution] = Field(default_factory=list)
     knowledge_used: list[str] = Field(default_factory=list)
+    strategy: AggregationStrategy | None = None
+    reused: KnowledgeReuse | None = Field(
+        None, description="Set when the answer came from stored knowledge (no provider cost)"
+    )
     error: str | None = None
     completed_at: datetime | None = None
     links: Links
@@ -82,3 +96,24 @@ class Health(BaseModel):
     status: str
     temporal: str
     database: str
+
+
+class KnowledgeView(BaseModel):
+    knowledge_id: str
+    question: str
+    answer: str
+    domain: str | None
+    confidence: float = Field(description="Effective confidence (decayed since confirmed)")
+    support: int = Field(description="Independent tasks that agree with this item")
+    status: str = Field(description="active, merged (into merged_into) or stale")
+    merged_into: str | None = None
+    uses: int = Field(description="Tasks answered from this item")
+    similarity: float | None = None
+    provenance: list[Provenance]
+    created_at: datetime | None
+    updated_at: datetime | None
+
+
+class KnowledgeList(BaseModel):
+    items: list[KnowledgeView]
+    count: int

@@ -16,6 +16,7 @@ from xpando.contracts import (
     TaskStage,
 )
 from xpando.db import queries, session_factory
+from xpando.db.models import Knowledge
 
 NOW = datetime(2026, 11, 27, 12, 0, tzinfo=UTC)
 
@@ -89,7 +90,6 @@ async def test_record_task_twice_writes_each_row_once(any_engine: AsyncEngine) -
     async with sessions() as s:
         found = await queries.get_task(session=s, task_id="task-db-1")
         count = await queries.count_contributions(session=s, task_id="task-db-1")
-        knowledge = await queries.recent_knowledge(session=s, domain="cooking")
     assert found is not None
     task, rows = found
     assert count == 2
@@ -97,9 +97,45 @@ async def test_record_task_twice_writes_each_row_once(any_engine: AsyncEngine) -
     assert queries.as_utc(task.completed_at) == NOW
     assert [(r.node_id, r.status) for r in rows] == [("n1", "ok"), ("n2", "no_answer")]
     assert rows[0].citations == [{"source": "cook/bread", "text": "knead the dough", "score": 2.5}]
-    assert result.knowledge_id == "kn-task-db-1"
-    assert [k.knowledge_id for k in knowledge] == ["kn-task-db-1"]
-    assert knowledge[0].nodes == ["n1"]  # only nodes that answered are its provenance
+    assert result.contributions_written == 2
+
+
+async def test_a_reused_item_counts_one_use_per_task_despite_retries(
+    any_engine: AsyncEngine,
+) -> None:
+    sessions = session_factory(any_engine)
+    async with sessions() as s:
+        s.add(
+            Knowledge(
+                knowledge_id="kn-src",
+                task_id="task-src",
+                question="q",
+                answer="a",
+                domain="cooking",
+                confidence=0.8,
+                created_at=NOW,
+                updated_at=NOW,
+            )
+        )
+        await s.commit()
+    for task_id in ("task-r1", "task-r1", "task-r1", "task-r2"):  # r1 retried twice
+        async with sessions() as s:
+            await queries.record_task(
+                session=s,
+                record=RecordInput(
+                    task_id=task_id,
+                    prompt="q?",
+                    domain="cooking",
+                    status=TaskStage.COMPLETED,
+                    answer="a",
+                    confidence=0.8,
+                    reused_knowledge_id="kn-src",
+                ),
+                now=NOW,
+            )
+    async with sessions() as s:
+        item = await queries.get_knowledge(session=s, knowledge_id="kn-src")
+    assert item is not None and item.uses == 2
 
 
 async def test_failed_task_keeps_error_and_stores_no_knowledge(any_engine: AsyncEngine) -> None:
@@ -119,9 +155,8 @@ async def test_failed_task_keeps_error_and_stores_no_knowledge(any_engine: Async
         )
     async with sessions() as s:
         found = await queries.get_task(session=s, task_id="task-db-2")
-        knowledge = await queries.recent_knowledge(session=s, domain=None)
     assert found is not None and found[0].error == "every expert failed"
-    assert result.knowledge_id is None and knowledge == []
+    assert result.knowledge_id is None
 
 
 async def test_missing_task_is_none(any_engine: AsyncEngine) -> None:

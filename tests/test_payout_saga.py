@@ -4,14 +4,28 @@
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
 
 import httpx
 import pytest
 from fastapi import FastAPI
+from solders.hash import Hash
 from solders.keypair import Keypair
+from solders.message import MessageV0
+from solders.pubkey import Pubkey
+from solders.transaction import VersionedTransaction
+from spl.token.constants import TOKEN_PROGRAM_ID
+from spl.token.instructions import (
+    create_idempotent_associated_token_account,
+    freeze_account,
+    mint_to_checked,
+    transfer_checked,
+)
+from spl.token.models import FreezeAccountParams, MintToCheckedParams, TransferCheckedParams
 from temporalio.client import Client
+from temporalio.service import RPCError
 from temporalio.worker import Worker
 
 from activities.chain import (
@@ -20,9 +34,11 @@ from activities.chain import (
     SvmLedger,
     init_embedded_chain,
     ledger_path,
+    token_account,
 )
 from activities.payouts import PayoutHooks
 from api.main import create_app
+from tests.conftest import wait_for
 from tests.payout_support import (
     PayNode,
     accrue,
@@ -41,7 +57,7 @@ from xpando.contracts_payouts import (
     PayoutStage,
     epoch_workflow_id,
 )
-from xpando.db import SessionFactory
+from xpando.db import SessionFactory, ledger
 from xpando.keys import load_keypair, treasury_key_path
 from xpando.settings import Settings
 
@@ -76,13 +92,27 @@ def core_worker(
     return build_core_worker(client, sessions=sessions, settings=settings, payouts=payouts)
 
 
-@pytest.fixture
-async def api(psettings: Settings) -> AsyncIterator[httpx.AsyncClient]:
-    app: FastAPI = create_app(psettings)
+ApiFactory = Callable[[Settings], AbstractAsyncContextManager[httpx.AsyncClient]]
+
+
+@asynccontextmanager
+async def _api(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
+    app: FastAPI = create_app(settings)
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://xpando.test") as http:
             yield http
+
+
+@pytest.fixture
+def api_factory() -> ApiFactory:
+    return _api
+
+
+@pytest.fixture
+async def api(psettings: Settings) -> AsyncIterator[httpx.AsyncClient]:
+    async with _api(psettings) as http:
+        yield http
 
 
 async def test_an_epoch_pays_every_node_once_and_carries_over_the_one_without_a_wallet(
@@ -172,3 +202,201 @@ async def _give_wallet(sessions: SessionFactory, node: PayNode, kp: Keypair) -> 
             now=datetime.now(UTC),
         )
     node.keypair = kp
+
+
+async def _wait_stage(client: Client, epoch: int, stage: PayoutStage) -> None:
+    handle = client.get_workflow_handle_for(PayoutSagaWorkflow.run, epoch_workflow_id(epoch))
+
+    async def reached() -> bool:
+        try:
+            return (await handle.query(PayoutSagaWorkflow.progress)).stage == stage
+        except RPCError:
+            return False
+
+    await wait_for(reached, timeout=30)
+
+
+async def test_above_the_threshold_an_epoch_waits_for_an_approval_through_the_api(
+    client: Client, settings: Settings, sessions: SessionFactory, api_factory: ApiFactory
+) -> None:
+    s = payout_settings(settings, payout_approval_threshold=0)
+    init_embedded_chain(s)
+    nodes = await register_nodes(sessions, 3)
+    epoch = fresh_epoch()
+    await accrue(sessions, epoch, {n.node_id: 0.5 for n in nodes})
+    async with api_factory(s) as api, core_worker(client, s, sessions):
+        early = await api.post(f"/v1/payouts/epochs/{epoch}/approve", json={"approver": "alice"})
+        assert early.status_code == 404 and early.json()["error"]["code"] == "epoch_not_settling"
+        assert (await api.post(f"/v1/payouts/epochs/{epoch}/settle")).status_code == 202
+        await _wait_stage(client, epoch, PayoutStage.AWAITING_APPROVAL)
+        waiting = (await api.get(f"/v1/payouts/epochs/{epoch}")).json()
+        assert waiting["status"] == "awaiting_approval" and waiting["approval_required"]
+        assert waiting["stage"] == "awaiting_approval" and waiting["paid"] == 0
+        bad = await api.post(f"/v1/payouts/epochs/{epoch}/approve", json={"approver": ""})
+        assert bad.status_code == 422
+        ok = await api.post(f"/v1/payouts/epochs/{epoch}/approve", json={"approver": "alice"})
+        assert ok.status_code == 200 and ok.json()["approver"] == "alice"
+        twice = await api.post(f"/v1/payouts/epochs/{epoch}/approve", json={"approver": "bob"})
+        assert twice.status_code == 409
+        assert twice.json()["error"]["code"] == "not_awaiting_approval"
+        result = await client.get_workflow_handle_for(
+            PayoutSagaWorkflow.run, epoch_workflow_id(epoch)
+        ).result()
+        view = (await api.get(f"/v1/payouts/epochs/{epoch}")).json()
+        late = await api.post(f"/v1/payouts/epochs/{epoch}/approve", json={"approver": "carol"})
+    assert result.stage == PayoutStage.SETTLED and result.approver == "alice"
+    assert result.paid == 3 and result.paid_amount == s.payout_emission
+    assert view["status"] == "settled" and view["approver"] == "alice" and view["reconciled"]
+    assert view["paid"] == s.payout_emission and view["reserved"] == s.payout_emission
+    assert late.status_code == 409
+
+
+async def test_an_unapproved_epoch_is_compensated_and_carried_into_the_next(
+    client: Client, settings: Settings, sessions: SessionFactory, api_factory: ApiFactory
+) -> None:
+    s = payout_settings(settings, payout_approval_threshold=0, payout_approval_timeout_s=1.0)
+    init_embedded_chain(s)
+    nodes = await register_nodes(sessions, 2)
+    epoch = fresh_epoch()
+    await accrue(sessions, epoch, {n.node_id: 0.5 for n in nodes})
+    async with core_worker(client, s, sessions):
+        expired = await settle(client, s, epoch)
+    assert expired.stage == PayoutStage.EXPIRED
+    assert (expired.paid, expired.carried_over) == (0, 2)
+    async with api_factory(s) as api:
+        view = (await api.get(f"/v1/payouts/epochs/{epoch}")).json()
+        rows = (await api.get("/v1/payouts", params={"epoch": epoch})).json()["payouts"]
+    assert view["status"] == "expired" and view["reserved"] == view["released"] > 0
+    assert {(p["status"], p["reason"], p["signature"]) for p in rows} == {
+        ("carried_over", "approval_timeout", None)
+    }
+
+    relaxed = payout_settings(settings)  # the next epoch is small enough to pay at once
+    await accrue(sessions, epoch + 1, {nodes[0].node_id: 1.0})
+    async with core_worker(client, relaxed, sessions):
+        paid = await settle(client, relaxed, epoch + 1)
+    assert paid.stage == PayoutStage.SETTLED and paid.paid == 2
+    assert paid.paid_amount == 2 * s.payout_emission  # this epoch's plus the carried one
+    t = await totals(sessions)
+    assert t["earned"] == t["paid"] == 2 * s.payout_emission and t["carried_over"] == 0
+
+
+class DrainTreasury(PayoutHooks):
+    """Another spender empties the treasury just before the second batch (mid-epoch)."""
+
+    def __init__(self, chain: LiteSvmChain) -> None:
+        self.chain = chain
+        self.batches = 0
+
+    async def at(self, boundary: str, payout_ids: Sequence[str]) -> None:
+        if boundary != "start":
+            return
+        self.batches += 1
+        if self.batches == 2:
+            await _move_treasury(self.chain, -await self.chain.treasury_balance())
+
+
+async def _move_treasury(chain: LiteSvmChain, amount: int) -> None:
+    """Drain (amount < 0: a real transfer out) or refill (amount > 0: MintTo) the treasury."""
+    owner = chain.treasury.pubkey()
+    if amount < 0:
+        ix = transfer_checked(
+            TransferCheckedParams(
+                program_id=TOKEN_PROGRAM_ID,
+                source=chain.treasury_token_account,
+                mint=chain.mint,
+                dest=_sink(chain),
+                owner=owner,
+                amount=-amount,
+                decimals=chain.decimals,
+            )
+        )
+        ixs = [create_idempotent_associated_token_account(owner, SINK.pubkey(), chain.mint), ix]
+    else:
+        ixs = [
+            mint_to_checked(
+                MintToCheckedParams(
+                    program_id=TOKEN_PROGRAM_ID,
+                    mint=chain.mint,
+                    dest=chain.treasury_token_account,
+                    mint_authority=owner,
+                    amount=amount,
+                    decimals=chain.decimals,
+                )
+            )
+        ]
+    bh = await chain.latest_blockhash()
+    msg = MessageV0.try_compile(owner, ixs, [], Hash.from_string(bh.blockhash))
+    await chain.send(bytes(VersionedTransaction(msg, [chain.treasury])))
+
+
+SINK = Keypair()
+
+
+def _sink(chain: LiteSvmChain) -> Pubkey:
+    return token_account(SINK.pubkey(), chain.mint)
+
+
+async def test_a_treasury_that_runs_dry_mid_epoch_is_compensated_and_nothing_is_lost(
+    client: Client,
+    psettings: Settings,
+    sessions: SessionFactory,
+    chain: LiteSvmChain,
+) -> None:
+    nodes = await register_nodes(sessions, 6)
+    epoch = fresh_epoch()
+    await accrue(sessions, epoch, {n.node_id: 0.1 * (i + 1) for i, n in enumerate(nodes)})
+    s = psettings.model_copy(update={"payout_batch_size": 2, "payout_concurrency": 1})
+    async with core_worker(client, s, sessions, hooks=DrainTreasury(chain)):
+        dry = await settle(client, s, epoch)
+    assert dry.stage == PayoutStage.SETTLED and dry.reconciled
+    assert (dry.paid, dry.carried_over) == (2, 4)
+    async with sessions() as session:
+        rows, _ = await ledger.list_payouts(session=session, epoch=epoch)
+    carried = [p for p in rows if p.status == "carried_over"]
+    assert {p.reason for p in carried} == {"insufficient_treasury"}
+    assert all(p.signature for p in carried)  # they were tried: the chain refused them
+    for p in rows:
+        balance = await wallet_balance(chain, next(n for n in nodes if n.node_id == p.node_id))
+        assert balance == (p.amount if p.status == "finalized" else 0)
+
+    await _move_treasury(chain, 10**9)  # the treasury is refilled
+    await accrue(sessions, epoch + 1, {nodes[0].node_id: 1.0})
+    async with core_worker(client, s, sessions):
+        refilled = await settle(client, s, epoch + 1)
+    assert refilled.stage == PayoutStage.SETTLED and refilled.carried_over == 0
+    t = await totals(sessions)
+    assert t["earned"] == 2 * s.payout_emission == t["paid"] and t["carried_over"] == 0
+    transfers = memo_transfers(chain.ledger, chain)
+    assert sum(a for _, a, _ in transfers) == t["paid"]
+    assert len({m for m, _, _ in transfers}) == len(transfers)  # each payout id landed once
+
+
+async def test_a_frozen_recipient_is_carried_over_with_the_reason_and_others_are_paid(
+    client: Client, psettings: Settings, sessions: SessionFactory, chain: LiteSvmChain
+) -> None:
+    nodes = await register_nodes(sessions, 3)
+    frozen = nodes[1]
+    assert frozen.wallet is not None
+    owner = chain.treasury.pubkey()
+    ata = token_account(frozen.wallet, chain.mint)
+    ixs = [
+        create_idempotent_associated_token_account(owner, frozen.wallet, chain.mint),
+        freeze_account(
+            FreezeAccountParams(
+                program_id=TOKEN_PROGRAM_ID, account=ata, mint=chain.mint, authority=owner
+            )
+        ),
+    ]
+    bh = await chain.latest_blockhash()
+    msg = MessageV0.try_compile(owner, ixs, [], Hash.from_string(bh.blockhash))
+    await chain.send(bytes(VersionedTransaction(msg, [chain.treasury])))
+    epoch = fresh_epoch()
+    await accrue(sessions, epoch, {n.node_id: 0.5 for n in nodes})
+    async with core_worker(client, psettings, sessions):
+        result = await settle(client, psettings, epoch)
+    assert (result.paid, result.carried_over) == (2, 1)
+    async with sessions() as session:
+        rows, _ = await ledger.list_payouts(session=session, node_id=frozen.node_id)
+    assert (rows[0].status, rows[0].reason) == ("carried_over", "recipient_frozen")
+    assert await wallet_balance(chain, frozen) == 0

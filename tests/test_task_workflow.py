@@ -99,7 +99,7 @@ async def test_task_is_answered_by_the_domain_expert_and_recorded(
         result = await handle.result()
         if os.environ.get("XPANDO_RECORD_HISTORIES"):
             history = await handle.fetch_history()
-            (HISTORY_DIR / "task_workflow.json").write_text(history.to_json())
+            (HISTORY_DIR / "task_workflow_v2.json").write_text(history.to_json())
             registration = client.get_workflow_handle(registration_id(profiles[0]))
             history = await registration.fetch_history()
             (HISTORY_DIR / "node_registration_workflow.json").write_text(history.to_json())

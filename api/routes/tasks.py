@@ -19,7 +19,7 @@ from api.errors import ApiError
 from api.schemas import ID_PATTERN, Links, TaskAccepted, TaskCreate, TaskView
 from workflows.task import TaskWorkflow
 from xpando import temporal as sa
-from xpando.contracts import Contribution, TaskInput, TaskResult
+from xpando.contracts import AggregationStrategy, Contribution, TaskInput, TaskResult
 from xpando.db import queries
 from xpando.logs import get_logger
 from xpando.settings import Settings
@@ -56,10 +56,18 @@ async def submit_task(
     task_id = f"task-{idempotency_key}" if idempotency_key else f"task-{uuid.uuid4().hex}"
     k = body.k or settings.default_k
     request_hash = hashlib.sha256(
-        TaskCreate(prompt=body.prompt, k=k, domain=body.domain, regions=body.regions)
+        TaskCreate(
+            prompt=body.prompt,
+            k=k,
+            domain=body.domain,
+            regions=body.regions,
+            strategy=body.strategy,
+            fresh=body.fresh,
+        )
         .model_dump_json()
         .encode()
     ).hexdigest()
+    strategy = body.strategy or AggregationStrategy(settings.aggregation_strategy)
     task = TaskInput(
         task_id=task_id,
         prompt=body.prompt,
@@ -67,6 +75,8 @@ async def submit_task(
         domain=body.domain,
         regions=body.regions,
         submitted_at=datetime.now(UTC),
+        strategy=strategy,
+        fresh=body.fresh,
     )
     try:
         handle = await client.start_workflow(
@@ -142,6 +152,8 @@ async def get_task(
             confidence=result.confidence,
             contributions=result.contributions,
             knowledge_used=result.knowledge_used,
+            strategy=result.strategy,
+            reused=result.reused,
             completed_at=result.completed_at,
             links=links,
         )

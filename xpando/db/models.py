@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import JSON, Column, DateTime, Text, UniqueConstraint
+from sqlalchemy import JSON, Column, DateTime, LargeBinary, Text, UniqueConstraint
 from sqlmodel import Field, SQLModel
 
 
@@ -64,12 +64,17 @@ class Contribution(SQLModel, table=True):
     citations: list[dict[str, Any]] = Field(default_factory=list, sa_column=Column(JSON))
     relevance: float = 0.0
     quality: float = 0.0
+    quality_reason: str = Field(default="", sa_column=Column(Text, nullable=False, default=""))
     latency_ms: int = 0
     input_tokens: int = 0
     output_tokens: int = 0
     finish_reason: str | None = Field(default=None, max_length=32)
     error: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
     attempts: int = 1
+    # provider accounting (nullable: rows written before these columns existed have none)
+    cost_usd: float | None = None
+    request_id: str | None = Field(default=None, max_length=128)
+    error_type: str | None = Field(default=None, max_length=64)
     created_at: datetime = _ts()
 
 
@@ -77,11 +82,58 @@ class Knowledge(SQLModel, table=True):
     __tablename__ = "knowledge"
 
     knowledge_id: str = Field(primary_key=True, max_length=160)
-    task_id: str = Field(unique=True, max_length=128)
+    task_id: str = Field(unique=True, max_length=128)  # the task that first produced it
     question: str = Field(sa_column=Column(Text, nullable=False))
     answer: str = Field(sa_column=Column(Text, nullable=False))
     domain: str | None = Field(default=None, index=True, max_length=64)
+    # Confidence when last confirmed; the effective confidence decays from confirmed_at.
     confidence: float = 0.0
     nodes: list[str] = Field(default_factory=list, sa_column=Column(JSON))
+    # One entry per task that produced or confirmed it: {task_id, confidence, nodes, at}.
+    provenance: list[dict[str, Any]] = Field(default_factory=list, sa_column=Column(JSON))
+    support: int = 1  # independent tasks that agree with it
+    status: str = Field(default="active", index=True, max_length=16)  # active | merged | stale
+    merged_into: str | None = Field(default=None, max_length=160)
+    embedding: bytes | None = Field(default=None, sa_column=Column(LargeBinary, nullable=True))
+    embedder: str | None = Field(default=None, max_length=64)
+    uses: int = 0
+    confirmed_at: datetime | None = _ts(nullable=True)
     created_at: datetime = _ts(index=True)
+    updated_at: datetime = _ts(index=True)
+
+
+class Breaker(SQLModel, table=True):
+    """A circuit breaker, shared by every process that routes (see ``activities/breaker.py``).
+
+    ``state`` is ``closed`` or ``open``; an open breaker whose ``open_until`` has passed is
+    half-open, and ``probe_until`` (with ``probe_task``) is the lease of its one probe.
+    """
+
+    __tablename__ = "breakers"
+
+    key: str = Field(primary_key=True, max_length=200)  # node:<id> | provider:<name>@<region>
+    scope: str = Field(max_length=16)  # node | provider
+    state: str = Field(default="closed", index=True, max_length=16)
+    consecutive_failures: int = 0
+    opened_at: datetime | None = _ts(nullable=True)
+    open_until: datetime | None = _ts(nullable=True)
+    probe_until: datetime | None = _ts(nullable=True)
+    probe_task: str | None = Field(default=None, max_length=128)
+    last_error: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
     updated_at: datetime = _ts()
+
+
+class ExpertOutcome(SQLModel, table=True):
+    """Every ask of an expert as it ended (one row per ask; the event id makes reports
+    idempotent). The breakers are derived from these; operators can query them directly."""
+
+    __tablename__ = "expert_outcomes"
+
+    event_id: str = Field(primary_key=True, max_length=300)
+    task_id: str = Field(index=True, max_length=128)
+    node_id: str = Field(index=True, max_length=64)
+    provider: str = Field(max_length=32)
+    region: str = Field(max_length=32)
+    ok: bool
+    error_type: str | None = Field(default=None, max_length=64)
+    created_at: datetime = _ts(index=True)

@@ -7,17 +7,17 @@ activity or a re-registering node never creates a second row.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import func
+from sqlalchemy import DateTime, and_, case, func, literal, null, or_, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlmodel import SQLModel, col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from xpando.contracts import NodeProfile, RecordInput, RecordResult, TaskStage
 from xpando.db import ledger
-from xpando.db.models import Contribution, Knowledge, Node, Task
+from xpando.db.models import Breaker, Contribution, ExpertOutcome, Knowledge, Node, Task
 
 
 def as_utc(value: datetime | None) -> datetime | None:
@@ -109,8 +109,14 @@ async def get_node(*, session: AsyncSession, node_id: str) -> Node | None:
 
 
 async def record_task(*, session: AsyncSession, record: RecordInput, now: datetime) -> RecordResult:
-    """Write a task, its contributions and (when it completed) its knowledge item, once."""
+    """Write a task and its contributions, once (a retried record changes nothing).
+
+    Knowledge items are written by the domain's KnowledgeWorkflow, not here; a task answered
+    from knowledge counts one more use of that item.
+    """
     done = record.status in (TaskStage.COMPLETED, TaskStage.FAILED)
+    previous = await session.get(Task, record.task_id)
+    already = previous is not None and previous.status == record.status.value
     await _upsert(
         session,
         Task,
@@ -143,12 +149,16 @@ async def record_task(*, session: AsyncSession, record: RecordInput, now: dateti
                 "citations": [x.model_dump() for x in c.citations],
                 "relevance": c.relevance,
                 "quality": c.quality,
+                "quality_reason": c.quality_reason,
                 "latency_ms": c.latency_ms,
                 "input_tokens": c.input_tokens,
                 "output_tokens": c.output_tokens,
                 "finish_reason": c.finish_reason,
                 "error": c.error,
                 "attempts": c.attempts,
+                "cost_usd": c.cost_usd,
+                "request_id": c.request_id,
+                "error_type": c.error_type,
                 "created_at": now,
             },
             keys=["task_id", "node_id"],
@@ -158,40 +168,29 @@ async def record_task(*, session: AsyncSession, record: RecordInput, now: dateti
                 "citations",
                 "relevance",
                 "quality",
+                "quality_reason",
                 "latency_ms",
                 "input_tokens",
                 "output_tokens",
                 "finish_reason",
                 "error",
                 "attempts",
+                "cost_usd",
+                "request_id",
+                "error_type",
             ],
         )
-    knowledge_id: str | None = None
-    if record.status == TaskStage.COMPLETED and record.answer:
-        knowledge_id = f"kn-{record.task_id}"
-        await _upsert(
-            session,
-            Knowledge,
-            {
-                "knowledge_id": knowledge_id,
-                "task_id": record.task_id,
-                "question": record.prompt,
-                "answer": record.answer,
-                "domain": record.domain,
-                "confidence": record.confidence,
-                "nodes": sorted(c.node_id for c in record.contributions if c.status.value == "ok"),
-                "created_at": now,
-                "updated_at": now,
-            },
-            keys=["knowledge_id"],
-            update=["answer", "confidence", "nodes", "updated_at"],
-        )
+    if record.reused_knowledge_id:
+        item = await session.get(Knowledge, record.reused_knowledge_id)
+        if item is not None and not already:
+            item.uses += 1
+            session.add(item)
     await ledger.accrue(session=session, record=record, now=now)
     await session.commit()
     return RecordResult(
         task_id=record.task_id,
         contributions_written=len(record.contributions),
-        knowledge_id=knowledge_id,
+        knowledge_id=record.reused_knowledge_id,
     )
 
 
@@ -216,11 +215,179 @@ async def count_contributions(*, session: AsyncSession, task_id: str) -> int:
     return int(result.one())
 
 
-async def recent_knowledge(
-    *, session: AsyncSession, domain: str | None, limit: int = 500
+# --- knowledge -----------------------------------------------------------------------------------
+
+
+async def get_knowledge(*, session: AsyncSession, knowledge_id: str) -> Knowledge | None:
+    return await session.get(Knowledge, knowledge_id)
+
+
+async def knowledge_changed_since(
+    *, session: AsyncSession, since: datetime | None, limit: int = 5000
 ) -> list[Knowledge]:
-    """The newest knowledge items (of a domain when given), for lexical matching in the core."""
-    stmt = select(Knowledge).order_by(col(Knowledge.created_at).desc()).limit(limit)
-    if domain:
+    """Items written at or after ``since`` (oldest first), for incremental index refreshes."""
+    stmt = select(Knowledge).order_by(col(Knowledge.updated_at), col(Knowledge.knowledge_id))
+    if since is not None:
+        stmt = stmt.where(col(Knowledge.updated_at) >= since)
+    return list((await session.exec(stmt.limit(limit))).all())
+
+
+async def count_knowledge(
+    *, session: AsyncSession, domain: str | None, status: str = "active"
+) -> int:
+    stmt = select(func.count()).select_from(Knowledge).where(Knowledge.status == status)
+    if domain is not None:
         stmt = stmt.where(Knowledge.domain == domain)
+    return int((await session.exec(stmt)).one())
+
+
+async def active_knowledge_page(
+    *, session: AsyncSession, domain: str, after: str | None, limit: int = 2000
+) -> list[Knowledge]:
+    """Active items of a domain in knowledge-id order (keyset pagination)."""
+    stmt = select(Knowledge).where(Knowledge.domain == domain, Knowledge.status == "active")
+    if after is not None:
+        stmt = stmt.where(col(Knowledge.knowledge_id) > after)
+    stmt = stmt.order_by(col(Knowledge.knowledge_id)).limit(limit)
     return list((await session.exec(stmt)).all())
+
+
+# --- circuit breakers ----------------------------------------------------------------------------
+# The policy is in activities/breaker.py; these are its atomic writes. Each statement is one
+# UPDATE whose CASE expressions decide the transition, so concurrent reports from several core
+# workers never lose a count, on SQLite and PostgreSQL alike.
+
+
+def _at(value: datetime) -> Any:
+    return literal(value, DateTime(timezone=True))
+
+
+async def get_breakers(*, session: AsyncSession, keys: Sequence[str]) -> dict[str, Breaker]:
+    if not keys:
+        return {}
+    rows = await session.exec(select(Breaker).where(col(Breaker.key).in_(list(keys))))
+    return {b.key: b for b in rows.all()}
+
+
+async def open_breakers(*, session: AsyncSession) -> dict[str, Breaker]:
+    """Breakers that are open or half-open (the only ones routing has to look at)."""
+    rows = await session.exec(select(Breaker).where(Breaker.state == "open"))
+    return {b.key: b for b in rows.all()}
+
+
+async def record_expert_outcome(
+    *,
+    session: AsyncSession,
+    event_id: str,
+    task_id: str,
+    node_id: str,
+    provider: str,
+    region: str,
+    ok: bool,
+    error_type: str | None,
+    error: str | None,
+    effects: Sequence[tuple[str, str, int]],
+    healthy: Sequence[str],
+    cooldown_s: float,
+    now: datetime,
+) -> bool:
+    """Log one ask's outcome and apply it to breakers, once per ``event_id``.
+
+    ``effects`` are the breakers the outcome counts against as (key, scope, threshold): each
+    gets one more consecutive failure and opens at ``threshold`` (a failure while half-open
+    re-opens it for another cool-down). ``healthy`` are the breakers it closes (a success).
+    Returns False when ``event_id`` was already recorded (a retried report changes nothing).
+    """
+    dialect = session.bind.dialect.name if session.bind is not None else "sqlite"
+    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    logged = await session.exec(
+        insert(ExpertOutcome.__table__)  # type: ignore[attr-defined]
+        .values(
+            event_id=event_id,
+            task_id=task_id,
+            node_id=node_id,
+            provider=provider,
+            region=region,
+            ok=ok,
+            error_type=error_type,
+            created_at=now,
+        )
+        .on_conflict_do_nothing(index_elements=["event_id"])
+    )
+    if logged.rowcount == 0:
+        await session.commit()
+        return False
+    table: Any = Breaker.__table__  # type: ignore[attr-defined]
+    c = table.c
+    for key, scope, _ in effects:
+        await session.exec(
+            insert(table)
+            .values(key=key, scope=scope, state="closed", consecutive_failures=0, updated_at=now)
+            .on_conflict_do_nothing(index_elements=["key"])
+        )
+    until = now + timedelta(seconds=cooldown_s)
+    for key, _, threshold in effects:
+        half_open = and_(c.state == "open", c.open_until <= _at(now))
+        opening = and_(c.state == "closed", c.consecutive_failures + 1 >= threshold)
+        trip = or_(opening, half_open)
+        await session.exec(
+            update(table)
+            .where(c.key == key)
+            .values(
+                consecutive_failures=c.consecutive_failures + 1,
+                state=case((trip, "open"), else_=c.state),
+                opened_at=case((trip, _at(now)), else_=c.opened_at),
+                open_until=case((trip, _at(until)), else_=c.open_until),
+                probe_until=case((trip, null()), else_=c.probe_until),
+                probe_task=case((trip, null()), else_=c.probe_task),
+                last_error=(error or error_type or "failed")[:2000],
+                updated_at=now,
+            )
+        )
+    if healthy:
+        await session.exec(
+            update(table)
+            .where(col(c.key).in_(list(healthy)))
+            .values(
+                consecutive_failures=0,
+                state="closed",
+                open_until=None,
+                probe_until=None,
+                probe_task=None,
+                updated_at=now,
+            )
+        )
+    await session.commit()
+    return True
+
+
+async def claim_probe(
+    *, session: AsyncSession, key: str, task_id: str, now: datetime, lease_s: float
+) -> bool:
+    """Take the one probe of a half-open breaker for ``task_id`` (atomic: of all the routers
+    that try at once, exactly one gets it). A lease that ran out (its task never reported) can
+    be taken again; the same task may re-claim its own (a retried route)."""
+    c = Breaker.__table__.c  # type: ignore[attr-defined]
+    result = await session.exec(
+        update(Breaker.__table__)  # type: ignore[attr-defined]
+        .where(
+            c.key == key,
+            c.state == "open",
+            c.open_until <= _at(now),
+            or_(c.probe_until.is_(None), c.probe_until <= _at(now), c.probe_task == task_id),
+        )
+        .values(probe_until=now + timedelta(seconds=lease_s), probe_task=task_id, updated_at=now)
+    )
+    await session.commit()
+    return bool(result.rowcount == 1)
+
+
+async def release_probe(*, session: AsyncSession, key: str, task_id: str) -> None:
+    """Give back a probe this task claimed but will not use."""
+    c = Breaker.__table__.c  # type: ignore[attr-defined]
+    await session.exec(
+        update(Breaker.__table__)  # type: ignore[attr-defined]
+        .where(c.key == key, c.probe_task == task_id)
+        .values(probe_until=None, probe_task=None)
+    )
+    await session.commit()

@@ -1,0 +1,262 @@
+"""Mother Core knowledge on the real dev server: reuse, consolidation, continue-as-new, decay."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import httpx
+from temporalio.api.enums.v1 import EventType
+from temporalio.client import Client, WorkflowHandle
+
+from activities.knowledge import KnowledgeActivities, knowledge_workflow_id
+from api.main import create_app
+from tests.conftest import wait_for, wait_live
+from workers.core import build_core_worker, build_knowledge_index
+from workers.node import NodeSpec, build_node, build_node_worker, register
+from workflows.knowledge import KnowledgeWorkflow
+from workflows.task import TaskWorkflow
+from xpando.contracts import (
+    ConsolidateInput,
+    KnowledgeItemInput,
+    KnowledgeStats,
+    KnowledgeWorkflowInput,
+    ProvenanceNode,
+    TaskInput,
+    TaskResult,
+)
+from xpando.db import SessionFactory, queries
+from xpando.db.models import Knowledge
+from xpando.settings import Settings
+
+HISTORY_DIR = Path(__file__).parent / "histories"
+RECORD = bool(os.environ.get("XPANDO_RECORD_HISTORIES"))
+
+ORIGINAL = "How many minutes to boil a soft egg?"
+PARAPHRASE = "How long should I boil an egg so it stays soft?"
+
+
+@asynccontextmanager
+async def network(
+    client: Client, settings: Settings, sessions: SessionFactory, corpus_dir: Path
+) -> AsyncIterator[list[str]]:
+    async with AsyncExitStack() as stack:
+        await stack.enter_async_context(
+            build_core_worker(client, sessions=sessions, settings=settings)
+        )
+        node_ids = []
+        for domain, region in (("cooking", "eu-west"), ("astronomy", "us-east")):
+            spec = NodeSpec(
+                node_id=f"{domain}-{uuid.uuid4().hex[:6]}",
+                region=region,
+                domain=domain,
+                corpus=corpus_dir / f"{domain}.jsonl",
+            )
+            profile, provider = build_node(spec, data_dir=settings.data_dir)
+            await stack.enter_async_context(
+                build_node_worker(client, profile=profile, provider=provider)
+            )
+            await register(client, profile, core_task_queue=settings.core_task_queue)
+            node_ids.append(profile.node_id)
+        await wait_live(client, *(f"node.{n}" for n in node_ids))
+        yield node_ids
+
+
+async def _task(
+    client: Client, settings: Settings, prompt: str, **kw: object
+) -> tuple[WorkflowHandle[TaskWorkflow, TaskResult], TaskResult]:
+    task_id = f"task-{uuid.uuid4().hex[:10]}"
+    handle = await client.start_workflow(
+        TaskWorkflow.run,
+        TaskInput(task_id=task_id, prompt=prompt, k=2, **kw),  # type: ignore[arg-type]
+        id=task_id,
+        task_queue=settings.core_task_queue,
+    )
+    return handle, await handle.result()
+
+
+async def _activities_scheduled(handle: WorkflowHandle[TaskWorkflow, TaskResult]) -> int:
+    history = await handle.fetch_history()
+    return sum(
+        1 for e in history.events if e.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED
+    )
+
+
+async def _wait_items(sessions: SessionFactory, domain: str, count: int) -> None:
+    async def stored() -> bool:
+        async with sessions() as s:
+            return await queries.count_knowledge(session=s, domain=domain) >= count
+
+    await wait_for(stored, timeout=30)
+
+
+async def test_paraphrase_is_answered_from_knowledge_and_different_questions_are_not(
+    client: Client, settings: Settings, sessions: SessionFactory, corpus_dir: Path
+) -> None:
+    async with network(client, settings, sessions, corpus_dir) as (cooking, astronomy):
+        first_handle, first = await _task(client, settings, ORIGINAL)
+        assert first.reused is None and first.domain == "cooking"
+        assert await _activities_scheduled(first_handle) == 2  # both experts were asked
+        await _wait_items(sessions, "cooking", 1)
+
+        handle, reused = await _task(client, settings, PARAPHRASE)
+        # Answered from knowledge: no expert asked, provenance names the source task and node.
+        assert reused.reused is not None
+        assert reused.reused.knowledge_id == f"kn-{first.task_id}"
+        assert reused.answer == first.answer and reused.contributions == []
+        assert await _activities_scheduled(handle) == 0
+        provenance = reused.reused.provenance
+        assert [p.task_id for p in provenance] == [first.task_id]
+        assert cooking in [n.node_id for n in provenance[0].nodes]
+        if RECORD:
+            history = await handle.fetch_history()
+            (HISTORY_DIR / "task_workflow_reused.json").write_text(history.to_json())
+
+        # A near-identical but different question, an unrelated one, and an opt-out all ask
+        # the experts.
+        _, hard = await _task(client, settings, "How many minutes to boil a hard egg?")
+        _, planet = await _task(
+            client, settings, "Which planet is the largest in the solar system?"
+        )
+        _, fresh = await _task(client, settings, PARAPHRASE, fresh=True)
+        for result in (hard, planet, fresh):
+            assert result.reused is None
+            assert {c.node_id for c in result.contributions} == {cooking, astronomy}
+        assert planet.domain == "astronomy"
+
+        # The API finds the item and shows its provenance and use.
+        app = create_app(settings)
+        async with app.router.lifespan_context(app):
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://t") as http:
+                found = (await http.get("/v1/knowledge", params={"q": PARAPHRASE})).json()
+                item = (await http.get(f"/v1/knowledge/kn-{first.task_id}")).json()
+                missing = await http.get("/v1/knowledge/kn-nope")
+                view = (await http.get(f"/v1/tasks/{reused.task_id}")).json()
+    hits = {i["knowledge_id"]: i for i in found["items"]}
+    assert hits[f"kn-{first.task_id}"]["similarity"] > 0.8
+    assert hits[f"kn-{first.task_id}"]["question"] == ORIGINAL
+    assert item["provenance"][0]["task_id"] == first.task_id and item["uses"] == 1
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "knowledge_not_found"
+    assert view["reused"]["knowledge_id"] == f"kn-{first.task_id}"
+
+
+async def test_consolidation_merges_duplicates_and_keeps_both_provenances(
+    client: Client, settings: Settings, sessions: SessionFactory, corpus_dir: Path
+) -> None:
+    async with network(client, settings, sessions, corpus_dir):
+        _, first = await _task(client, settings, ORIGINAL)
+        await _wait_items(sessions, "cooking", 1)
+        _, second = await _task(client, settings, ORIGINAL, fresh=True)  # experts asked again
+
+        handle = client.get_workflow_handle_for(
+            KnowledgeWorkflow.run, knowledge_workflow_id("cooking", settings.core_task_queue)
+        )
+
+        async def merged() -> bool:
+            return (await handle.query(KnowledgeWorkflow.stats)).merges >= 1
+
+        await wait_for(merged, timeout=30)
+        stats = await handle.query(KnowledgeWorkflow.stats)
+    async with sessions() as s:
+        kept = await queries.get_knowledge(session=s, knowledge_id=f"kn-{first.task_id}")
+        dup = await queries.get_knowledge(session=s, knowledge_id=f"kn-{second.task_id}")
+        active = await queries.count_knowledge(session=s, domain="cooking")
+    assert kept is not None and dup is not None
+    assert [p["task_id"] for p in kept.provenance] == [first.task_id, second.task_id]
+    assert kept.support == 2 and kept.status == "active"
+    assert kept.confidence > first.confidence  # independent agreement raised it
+    assert dup.status == "merged" and dup.merged_into == kept.knowledge_id
+    assert active == 1
+    assert stats.merges == 1 and stats.items == 1 and stats.received == 2
+    assert stats.last_consolidation is not None
+
+
+def _item(n: int, domain: str) -> KnowledgeItemInput:
+    questions = [
+        "How do I prune roses in winter?",
+        "Which soil pH suits vegetables?",
+        "How do I keep a compost pile healthy?",
+    ]
+    return KnowledgeItemInput(
+        task_id=f"task-can-{uuid.uuid4().hex[:6]}-{n}",
+        question=questions[n],
+        answer=f"answer {n}: see the gardening notes",
+        domain=domain,
+        confidence=0.7,
+        nodes=[ProvenanceNode(node_id="garden-1", quality=0.7)],
+        completed_at=datetime.now(UTC),
+    )
+
+
+async def test_knowledge_workflow_continues_as_new_and_keeps_its_state(
+    client: Client, settings: Settings, sessions: SessionFactory
+) -> None:
+    domain = f"garden-{uuid.uuid4().hex[:6]}"
+    workflow_id = knowledge_workflow_id(domain, settings.core_task_queue)
+    async with build_core_worker(client, sessions=sessions, settings=settings):
+        handle = await client.start_workflow(
+            KnowledgeWorkflow.run,
+            KnowledgeWorkflowInput(domain=domain, batch_size=1, max_consolidations_per_run=2),
+            id=workflow_id,
+            task_queue=settings.core_task_queue,
+        )
+        first_run = handle.first_execution_run_id
+        for n in range(3):
+            await handle.signal(KnowledgeWorkflow.add, _item(n, domain))
+        latest = client.get_workflow_handle_for(KnowledgeWorkflow.run, workflow_id)
+
+        async def consolidated() -> bool:
+            return (await latest.query(KnowledgeWorkflow.stats)).consolidations >= 3
+
+        await wait_for(consolidated, timeout=30)
+        stats: KnowledgeStats = await latest.query(KnowledgeWorkflow.stats)
+        desc = await latest.describe()
+        if RECORD:
+            history = await client.get_workflow_handle(
+                workflow_id, run_id=first_run
+            ).fetch_history()
+            (HISTORY_DIR / "knowledge_workflow.json").write_text(history.to_json())
+        await latest.terminate("test over")
+    assert desc.run_id != first_run  # it continued as new
+    assert stats.runs >= 2
+    assert (stats.received, stats.added, stats.items) == (3, 3, 3)
+    async with sessions() as s:
+        assert await queries.count_knowledge(session=s, domain=domain) == 3
+
+
+async def test_decayed_items_go_stale_and_are_no_longer_found(
+    client: Client, settings: Settings, sessions: SessionFactory
+) -> None:
+    index = build_knowledge_index(sessions, settings)
+    long_ago = datetime.now(UTC) - timedelta(days=365)
+    async with sessions() as s:
+        for kid, confirmed in (("kn-old", long_ago), ("kn-new", datetime.now(UTC))):
+            s.add(
+                Knowledge(
+                    knowledge_id=kid,
+                    task_id=f"task-{kid}",
+                    question=f"how to sow {kid} seeds",
+                    answer="sow in spring",
+                    domain="garden",
+                    confidence=0.9,
+                    confirmed_at=confirmed,
+                    created_at=confirmed,
+                    updated_at=confirmed,
+                )
+            )
+        await s.commit()
+    acts = KnowledgeActivities(
+        sessions=sessions, index=index, client=client, task_queue=settings.core_task_queue
+    )
+    assert {h.knowledge_id for h in await index.search("sow seeds", k=5)} == {"kn-old", "kn-new"}
+    result = await acts.consolidate(ConsolidateInput(domain="garden", sweep=True))
+    assert result.stale == 1 and result.items == 1
+    assert {h.knowledge_id for h in await index.search("sow seeds", k=5)} == {"kn-new"}
+    async with sessions() as s:
+        old = await queries.get_knowledge(session=s, knowledge_id="kn-old")
+    assert old is not None and old.status == "stale"
