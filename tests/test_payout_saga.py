@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
@@ -53,6 +54,7 @@ from tests.payout_support import (
 from workers.core import build_core_worker
 from workers.payouts import build_payout_activities
 from workflows.payout import PayoutSagaWorkflow
+from xpando import rewards
 from xpando.contracts_payouts import (
     PayoutStage,
     epoch_workflow_id,
@@ -400,3 +402,22 @@ async def test_a_frozen_recipient_is_carried_over_with_the_reason_and_others_are
         rows, _ = await ledger.list_payouts(session=session, node_id=frozen.node_id)
     assert (rows[0].status, rows[0].reason) == ("carried_over", "recipient_frozen")
     assert await wallet_balance(chain, frozen) == 0
+
+
+async def test_payout_requests_that_cannot_be_served_get_clear_errors(
+    api: httpx.AsyncClient, psettings: Settings
+) -> None:
+    current = rewards.epoch_of(time.time(), psettings.payout_epoch_s)
+    not_ended = await api.post(f"/v1/payouts/epochs/{current}/settle")
+    assert not_ended.status_code == 409
+    assert not_ended.json()["error"]["code"] == "epoch_not_ended"
+    assert (await api.post("/v1/payouts/epochs/-1/settle")).status_code == 422
+    bad_status = await api.get("/v1/payouts", params={"status": "paid-ish"})
+    assert bad_status.status_code == 422
+    assert bad_status.json()["error"]["details"][0]["field"] == "query.status"
+    unknown = await api.get("/v1/nodes/nobody-here/earnings")
+    assert unknown.status_code == 404 and unknown.json()["error"]["code"] == "node_not_found"
+    never = await api.get("/v1/payouts/epochs/12345")
+    assert never.status_code == 404 and never.json()["error"]["code"] == "epoch_not_found"
+    extra = await api.post("/v1/payouts/epochs/5/approve", json={"approver": "a", "x": 1})
+    assert extra.status_code == 422
