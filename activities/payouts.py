@@ -79,6 +79,7 @@ log = get_logger(__name__)
 
 HEARTBEAT_EVERY_S = 1.0
 MAX_SIGNING_ROUNDS = 8  # re-signs within one attempt before handing back to Temporal's retry
+MAX_POLL_BACKOFF_S = 5.0
 COMMITMENT_RANK = {"processed": 0, "confirmed": 1, "finalized": 2}
 RECONCILE_LOOKBACK = timedelta(minutes=5)  # chain clocks vs ours
 
@@ -530,8 +531,8 @@ class _BatchPayment:
         unknown = [r for r in signed if r.payout_id in self.rows and not self._pending(r, statuses)]
         if unknown:
             height = await _chain_call(self.chain.block_height)
-            resend = [r for r in unknown if (r.last_valid_height or -1) >= height]
-            to_sign += [r for r in unknown if (r.last_valid_height or -1) < height]
+            resend = [r for r in unknown if not _expired(r, height)]
+            to_sign += [r for r in unknown if _expired(r, height)]
             if resend:
                 self.resent += len(resend)
                 await self._send(resend)
@@ -655,9 +656,11 @@ class _BatchPayment:
             except ApplicationError as err:
                 if err.type != "ChainUnavailable":
                     raise
+                # Rate limited or timed out: back off (honouring Retry-After) and poll again.
+                hint = err.next_retry_delay.total_seconds() if err.next_retry_delay else 0.0
                 log.warning("status poll failed; retrying", error=err.message)
-                await asyncio.sleep(min(backoff, 5.0))
-                backoff *= 2
+                await asyncio.sleep(min(max(backoff, hint), MAX_POLL_BACKOFF_S))
+                backoff *= 1.5
                 continue
             backoff = self.cfg.poll_s or 0.05
             await self._settle(rows, statuses)
@@ -670,7 +673,7 @@ class _BatchPayment:
                 except ChainUnavailable:
                     await asyncio.sleep(self.cfg.poll_s or 0.05)
                     continue
-                expired = [r for r in unknown if (r.last_valid_height or -1) < height]
+                expired = [r for r in unknown if _expired(r, height)]
                 if expired:
                     return expired
                 if time.monotonic() - last_send > self.cfg.rebroadcast_s:
@@ -683,6 +686,11 @@ class _BatchPayment:
 
 
 # --- helpers -------------------------------------------------------------------------------------
+
+
+def _expired(row: Payout, height: int) -> bool:
+    """The row's transaction can no longer land: its blockhash is past its last valid height."""
+    return row.last_valid_height is None or height > row.last_valid_height
 
 
 def _paid_state(status: SignatureStatus) -> str:
