@@ -10,6 +10,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import httpx
+from sqlalchemy.ext.asyncio import AsyncEngine
 from temporalio.api.enums.v1 import EventType
 from temporalio.client import Client, WorkflowHandle
 
@@ -29,7 +30,7 @@ from xpando.contracts import (
     TaskInput,
     TaskResult,
 )
-from xpando.db import SessionFactory, queries
+from xpando.db import SessionFactory, queries, session_factory
 from xpando.db.models import Knowledge
 from xpando.settings import Settings
 
@@ -260,3 +261,55 @@ async def test_decayed_items_go_stale_and_are_no_longer_found(
     async with sessions() as s:
         old = await queries.get_knowledge(session=s, knowledge_id="kn-old")
     assert old is not None and old.status == "stale"
+
+
+async def test_consolidation_on_sqlite_and_postgresql(
+    any_engine: AsyncEngine, client: Client
+) -> None:
+    """The store-merge-decay path against both databases (embeddings as bytes, JSON provenance)."""
+    sessions = session_factory(any_engine)
+    settings = Settings(_env_file=None)  # type: ignore[call-arg]
+    index = build_knowledge_index(sessions, settings)
+    acts = KnowledgeActivities(sessions=sessions, index=index, client=client, task_queue="q")
+    now = datetime.now(UTC)
+
+    def item(task_id: str, question: str, answer: str) -> KnowledgeItemInput:
+        return KnowledgeItemInput(
+            task_id=task_id,
+            question=question,
+            answer=answer,
+            domain="garden",
+            confidence=0.6,
+            nodes=[ProvenanceNode(node_id=f"n-{task_id}", quality=0.6)],
+            completed_at=now,
+        )
+
+    first = await acts.consolidate(
+        ConsolidateInput(
+            domain="garden",
+            items=[
+                item("t1", "How do I prune roses in winter?", "Cut above an outward bud."),
+                item("t2", "How do I prune roses in winter?", "Cut above an outward facing bud."),
+                item("t3", "Which soil pH suits vegetables?", "Slightly acidic, about 6.5."),
+            ],
+        )
+    )
+    again = await acts.consolidate(  # a retried batch changes nothing
+        ConsolidateInput(
+            domain="garden", items=[item("t1", "How do I prune roses in winter?", "x")]
+        )
+    )
+    async with sessions() as s:
+        kept = await queries.get_knowledge(session=s, knowledge_id="kn-t1")
+        dup = await queries.get_knowledge(session=s, knowledge_id="kn-t2")
+    assert (first.added, first.merged, first.items) == (2, 1, 2)
+    assert (again.added, again.merged, again.items) == (0, 0, 2)
+    assert kept is not None and dup is not None
+    assert [p["task_id"] for p in kept.provenance] == ["t1", "t2"]
+    assert kept.nodes == ["n-t1", "n-t2"] and kept.support == 2
+    assert kept.confidence == round(1 - (1 - 0.6) * (1 - 0.3), 4)
+    assert (dup.status, dup.merged_into) == ("merged", "kn-t1")
+    # A fresh index in another process sees the same items from the database.
+    other = build_knowledge_index(sessions, settings)
+    hits = await other.search("pruning roses in winter", k=3)
+    assert hits[0].knowledge_id == "kn-t1" and "kn-t2" not in {h.knowledge_id for h in hits}

@@ -10,6 +10,8 @@ from temporalio.worker import Worker
 from activities.breaker import BreakerPolicy
 from activities.core import CoreActivities
 from activities.knowledge import KnowledgeActivities, KnowledgeConfig, KnowledgeIndex
+from activities.providers.base import Provider, ProviderConfig
+from activities.providers.registry import DEFAULT_MODELS, make_provider
 from activities.payouts import PayoutActivities
 from workers.payouts import build_payout_activities, ensure_payout_schedule, payout_activity_methods
 from workers.runtime import stop_on_signals
@@ -42,6 +44,30 @@ def knowledge_config(settings: Settings) -> KnowledgeConfig:
     )
 
 
+def build_aggregator(settings: Settings) -> Provider | None:
+    """The model that writes ``synthesize`` answers, or None (extractive synthesis).
+
+    Raises :class:`ProviderConfigError` naming what is missing (e.g. the key)."""
+    if settings.aggregator_provider == "none":
+        return None
+    provider = settings.aggregator_provider
+    key = settings.aggregator_api_key or {
+        "openai": settings.openai_api_key,
+        "openai-compatible": settings.openai_api_key,
+        "anthropic": settings.anthropic_api_key,
+        "gemini": settings.gemini_api_key,
+    }.get(provider)
+    return make_provider(
+        ProviderConfig(
+            provider=provider,
+            model=settings.aggregator_model or DEFAULT_MODELS.get(provider, ""),
+            api_key=key,
+            base_url=settings.aggregator_base_url,
+            timeout_s=settings.aggregator_timeout_s,
+        )
+    )
+
+
 def build_knowledge_index(sessions: SessionFactory, settings: Settings) -> KnowledgeIndex:
     return KnowledgeIndex(
         sessions, embedder_from_settings(settings), config=knowledge_config(settings)
@@ -64,6 +90,7 @@ def build_core_worker(
         liveness=NodeLiveness(client, max_age_s=settings.node_liveness_s),
         knowledge=index,
         breakers=BreakerPolicy.from_settings(settings),
+        aggregator=build_aggregator(settings),
     )
     knowledge = KnowledgeActivities(sessions=sessions, index=index, client=client, task_queue=queue)
     return Worker(

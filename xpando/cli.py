@@ -107,9 +107,13 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
 
         return run_dev(settings)
     if args.command == "worker" and args.kind == "core":
+        from activities.providers.registry import ProviderConfigError
         from workers.core import run_core_worker
 
-        asyncio.run(run_core_worker(settings))
+        try:
+            asyncio.run(run_core_worker(settings))
+        except ProviderConfigError as err:
+            raise CliError(f"aggregator: {err}") from err
         return 0
     if args.command == "worker" and args.kind == "node":
         return _run_node(args, settings)

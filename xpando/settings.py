@@ -131,6 +131,15 @@ class Settings(BaseSettings):
     aggregation_strategy: Literal["synthesize", "consensus", "best"] = Field(
         "consensus", description="Default aggregation strategy when a task does not choose"
     )
+    aggregator_provider: Literal["none", "openai", "openai-compatible", "anthropic", "gemini"] = (
+        Field("none", description="Model that writes `synthesize` answers; none: extractive")
+    )
+    aggregator_model: str | None = Field(None, description="Aggregator model name")
+    aggregator_base_url: str | None = Field(None, description="Aggregator API base URL")
+    aggregator_api_key: SecretStr | None = Field(
+        None, description="Aggregator key; default the provider's own key (e.g. OPENAI_API_KEY)"
+    )
+    aggregator_timeout_s: float = Field(60.0, gt=0, description="One aggregator call, in seconds")
     knowledge_reuse_similarity: float = Field(
         0.8, ge=0.0, le=1.0, description="A prompt this close to a stored question may reuse it"
     )
