@@ -5,10 +5,11 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, computed_field
 
 from xpando.contracts import (
     AggregationStrategy,
+    BreakerView,
     Contribution,
     KnowledgeReuse,
     NodeDomain,
@@ -73,6 +74,10 @@ class TaskView(BaseModel):
     completed_at: datetime | None = None
     links: Links
 
+    @computed_field(description="What the task's provider calls cost in USD (all contributions)")
+    def cost_usd(self) -> float:
+        return round(sum(c.cost_usd for c in self.contributions), 8)
+
 
 class NodeView(BaseModel):
     node_id: str
@@ -85,6 +90,12 @@ class NodeView(BaseModel):
     live: bool
     registered_at: datetime | None
     updated_at: datetime | None
+    breaker: BreakerView | None = Field(
+        None, description="This node's circuit breaker (closed, open, half_open)"
+    )
+    provider_breaker: BreakerView | None = Field(
+        None, description="The breaker of this node's provider in its region"
+    )
 
 
 class NodeList(BaseModel):

@@ -33,6 +33,7 @@ def test_every_workflow_has_a_recorded_history() -> None:
         "task_workflow",
         "task_workflow_v2",
         "task_workflow_reused",
+        "task_workflow_failover",  # a hedged expert, its standby, breaker reports
         "node_registration_workflow",
         "knowledge_workflow",
     }

@@ -597,9 +597,13 @@ def _error_type(err: ActivityError) -> str:
 
 
 def _reason(err: BaseException) -> str:
+    """The first typed ApplicationError in the cause chain (the provider's classified error, not
+    the SDK exception under it), else the deepest cause."""
     cause: BaseException | None = err
-    while cause is not None and cause.__cause__ is not None:
+    while cause is not None:
+        if isinstance(cause, ApplicationError) and cause.type:
+            return f"{cause.type}: {cause.message}"
+        if cause.__cause__ is None:
+            break
         cause = cause.__cause__
-    if isinstance(cause, ApplicationError) and cause.type:
-        return f"{cause.type}: {cause.message}"
     return str(cause or err)

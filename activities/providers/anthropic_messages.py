@@ -40,10 +40,10 @@ class AnthropicMessagesProvider:
                 system=system_prompt(request),
                 messages=[{"role": "user", "content": request.prompt}],
             )
-        except anthropic.APITimeoutError as err:
-            raise errors.timeout_error(self.name, self._config.timeout_s) from err
+        except anthropic.APITimeoutError:
+            raise errors.timeout_error(self.name, self._config.timeout_s) from None
         except anthropic.APIConnectionError as err:
-            raise errors.connection_error(self.name, err) from err
+            raise errors.connection_error(self.name, err) from None
         except anthropic.APIStatusError as err:
             raise errors.from_status(
                 self.name,
@@ -52,11 +52,11 @@ class AnthropicMessagesProvider:
                 body=err.body,
                 message=err.message,
                 request_id=err.request_id,
-            ) from err
+            ) from None
         except anthropic.APIResponseValidationError as err:
-            raise errors.malformed(self.name, str(err)) from err
+            raise errors.malformed(self.name, str(err)) from None
         except ValueError as err:  # a body that is not JSON
-            raise errors.malformed(self.name, f"{type(err).__name__}: {err}") from err
+            raise errors.malformed(self.name, f"{type(err).__name__}: {err}") from None
         return self._reply(request, message)
 
     def _reply(self, request: ProviderRequest, message: Any) -> ProviderReply:
@@ -80,7 +80,7 @@ class AnthropicMessagesProvider:
                 self.name,
                 f"not a message ({type(err).__name__}: {err})",
                 usage=errors.Usage(request_id=request_id),
-            ) from err
+            ) from None
         cost = self._config.pricing.cost(input_tokens, output_tokens)
         usage_info = errors.Usage(input_tokens, output_tokens, cost, request_id, stop)
         if stop == "refusal":

@@ -92,13 +92,13 @@ class GeminiProvider:
                 body=err.details,
                 message=str(err.message or err),
                 request_id=request_id,
-            ) from err
-        except _TIMEOUTS as err:
-            raise errors.timeout_error(self.name, self._config.timeout_s) from err
+            ) from None
+        except _TIMEOUTS:
+            raise errors.timeout_error(self.name, self._config.timeout_s) from None
         except _TRANSPORT as err:
-            raise errors.connection_error(self.name, err) from err
+            raise errors.connection_error(self.name, err) from None
         except (ValueError, json.JSONDecodeError) as err:  # a body that is not JSON
-            raise errors.malformed(self.name, f"{type(err).__name__}: {err}") from err
+            raise errors.malformed(self.name, f"{type(err).__name__}: {err}") from None
         return self._reply(request, response)
 
     def _reply(self, request: ProviderRequest, response: Any) -> ProviderReply:
@@ -128,7 +128,7 @@ class GeminiProvider:
                 self.name,
                 f"not a generateContent response ({type(err).__name__}: {err})",
                 usage=errors.Usage(request_id=request_id),
-            ) from err
+            ) from None
         cost = self._config.pricing.cost(input_tokens, output_tokens)
         usage_info = errors.Usage(input_tokens, output_tokens, cost, request_id, finish)
         if blocked or finish in REFUSED:

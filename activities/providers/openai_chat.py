@@ -56,10 +56,10 @@ class OpenAIChatProvider:
                 ],
                 **limit,
             )
-        except openai.APITimeoutError as err:
-            raise errors.timeout_error(self.name, self._config.timeout_s) from err
+        except openai.APITimeoutError:
+            raise errors.timeout_error(self.name, self._config.timeout_s) from None
         except openai.APIConnectionError as err:
-            raise errors.connection_error(self.name, err) from err
+            raise errors.connection_error(self.name, err) from None
         except openai.APIStatusError as err:
             raise errors.from_status(
                 self.name,
@@ -68,11 +68,11 @@ class OpenAIChatProvider:
                 body=err.body,
                 message=err.message,
                 request_id=err.request_id,
-            ) from err
+            ) from None
         except openai.APIResponseValidationError as err:
-            raise errors.malformed(self.name, str(err)) from err
+            raise errors.malformed(self.name, str(err)) from None
         except ValueError as err:  # a body that is not JSON
-            raise errors.malformed(self.name, f"{type(err).__name__}: {err}") from err
+            raise errors.malformed(self.name, f"{type(err).__name__}: {err}") from None
         return self._reply(request, completion)
 
     def _reply(self, request: ProviderRequest, completion: Any) -> ProviderReply:
@@ -92,7 +92,7 @@ class OpenAIChatProvider:
                 self.name,
                 f"not a chat completion ({type(err).__name__}: {err})",
                 usage=errors.Usage(request_id=request_id),
-            ) from err
+            ) from None
         if text is not None and not isinstance(text, str):
             raise errors.malformed(self.name, "message content is not text")
         cost = self._config.pricing.cost(input_tokens, output_tokens)

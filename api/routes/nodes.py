@@ -1,12 +1,15 @@
-"""``/v1/nodes``: the registered expert nodes and whether each is polling its queue."""
+"""``/v1/nodes``: the registered expert nodes, whether each is polling its queue, and the state of
+its circuit breakers (its own, and its provider's in its region)."""
 
 from __future__ import annotations
 
 import asyncio
+from datetime import UTC, datetime
 from typing import Annotated
 
 from fastapi import APIRouter, Query
 
+from activities.breaker import node_key, provider_key, view
 from api.deps import LivenessDep, SessionDep
 from api.schemas import NodeList, NodeView, Region
 from xpando.contracts import NodeDomain
@@ -24,6 +27,10 @@ async def list_nodes(
 ) -> NodeList:
     nodes = await queries.list_nodes(session=session, regions=region or (), limit=limit)
     live = await asyncio.gather(*(liveness.is_live(n.task_queue) for n in nodes))
+    keys = [node_key(n.node_id) for n in nodes]
+    keys += sorted({provider_key(n.provider, n.region) for n in nodes})
+    breakers = await queries.get_breakers(session=session, keys=keys)
+    now = datetime.now(UTC)
     views = [
         NodeView(
             node_id=n.node_id,
@@ -36,6 +43,12 @@ async def list_nodes(
             live=is_live,
             registered_at=queries.as_utc(n.registered_at),
             updated_at=queries.as_utc(n.updated_at),
+            breaker=view(breakers.get(node_key(n.node_id)), key=node_key(n.node_id), now=now),
+            provider_breaker=view(
+                breakers.get(provider_key(n.provider, n.region)),
+                key=provider_key(n.provider, n.region),
+                now=now,
+            ),
         )
         for n, is_live in zip(nodes, live, strict=True)
     ]

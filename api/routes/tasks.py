@@ -188,7 +188,10 @@ async def _from_database(
         error=task.error,
         completed_at=queries.as_utc(task.completed_at),
         contributions=[
-            Contribution.model_validate(row.model_dump(exclude={"id", "task_id", "created_at"}))
+            # exclude_none: rows written before the provider columns existed have NULLs there
+            Contribution.model_validate(
+                row.model_dump(exclude={"id", "task_id", "created_at"}, exclude_none=True)
+            )
             for row in rows
         ],
         links=links,
