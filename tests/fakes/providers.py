@@ -89,6 +89,7 @@ class FakeProviders:
 
     seed: int = 0
     answers: dict[str, str] = field(default_factory=dict)  # node -> answer text
+    latency_s: float = 0.0  # added to every answer and error (a model is not instant)
     _rules: dict[str, Rule] = field(default_factory=dict)
     _calls: list[Call] = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -255,6 +256,8 @@ class FakeProviders:
                         break
                     await asyncio.sleep(0.02)
                 return JSONResponse({"error": {"message": "hung"}}, status_code=504)
+            if self.latency_s:
+                await asyncio.sleep(self.latency_s)
             answer = self.answers.get(node, DEFAULT_ANSWER)
             return _respond(provider, fault, rule, model=model, prompt=prompt, answer=answer)
         finally:
