@@ -407,3 +407,22 @@ async def test_an_open_breaker_is_skipped_then_probed_once_and_closed(
                 assert await breaker_state() == BreakerState.CLOSED
     assert {c.node_id for c in probed.contributions} == {primary.node_id}
     assert len(fake.calls(node=primary.node_id)) == 2
+
+
+async def test_when_the_hedge_fails_too_the_next_standby_is_asked(
+    client: Client, settings: Settings, sessions: SessionFactory, fake: FakeProviders
+) -> None:
+    trio = _trio("gemini")
+    trio[0] = NodeDef("primary", "gemini", trio[0].keywords, timeout_s=30)  # slow, not failing
+    hedge = FAST.model_copy(update={"hedge_after_ms": 800})
+    async with provider_network(client, settings, sessions, fake, trio) as nodes:
+        primary, alt, spare = nodes["primary"], nodes["alt"], nodes["spare"]
+        fake.fail(primary.node_id, Fault.HANG, hang_s=60)
+        fake.fail(alt.node_id, Fault.AUTH)
+        result = await _run(client, settings, policy=hedge)
+    by_node = {c.node_id: c for c in result.contributions}
+    assert by_node[primary.node_id].error_type == "DeadlineExceeded"
+    assert by_node[alt.node_id].error_type == "ProviderAuthError"
+    assert by_node[spare.node_id].status == ContributionStatus.OK
+    assert result.answer == DEFAULT_ANSWER
+    assert [len(fake.calls(node=p.node_id)) for p in (primary, alt, spare)] == [1, 1, 1]

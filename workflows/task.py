@@ -240,7 +240,9 @@ class TaskWorkflow:
         reroutes = 0
         standby_lock = asyncio.Lock()
 
-        async def next_standby() -> RouteCandidate | None:
+        async def next_standby(busy: list[str]) -> RouteCandidate | None:
+            """The next standby, preferring a provider that has neither failed in this task
+            nor is the one still working on this slot (``busy``)."""
             nonlocal reroutes
             async with standby_lock:
                 if not standbys and reroutes < MAX_REROUTES:
@@ -250,9 +252,8 @@ class TaskWorkflow:
                             standbys.append(c)
                 if not standbys:
                     return None
-                index = next(
-                    (i for i, c in enumerate(standbys) if c.provider not in failed_providers), 0
-                )
+                avoid = [*failed_providers, *busy]
+                index = next((i for i, c in enumerate(standbys) if c.provider not in avoid), 0)
                 pick = standbys.pop(index)
                 asked.append(pick.node_id)
                 self._chosen.append(pick.node_id)
@@ -290,13 +291,15 @@ class TaskWorkflow:
                         self._answered += 1
                         won = True
                 if not won:
+                    busy = [running[t].provider for t in running]
                     for ask in [t for t in running if t not in hedged and timers[t].done()]:
                         hedged.append(ask)  # past its deadline: ask a standby alongside
-                        standby = await next_standby()
+                        standby = await next_standby(busy)
                         if standby is not None:
                             launch(standby)
-                    if not running:
-                        standby = await next_standby()
+                    # a failure with nothing left in time (none running, or only overdue asks)
+                    if ended and all(t in hedged for t in running):
+                        standby = await next_standby([running[t].provider for t in running])
                         if standby is not None:
                             launch(standby)
                 for contribution in ended:
