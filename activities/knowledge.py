@@ -52,6 +52,7 @@ from xpando.retrieval import GENERIC_TERMS, stem, tokenize
 log = get_logger(__name__)
 
 DAY_S = 86400.0
+REFRESH_PAGE = 5000
 
 
 @dataclass(frozen=True)
@@ -234,6 +235,7 @@ class KnowledgeIndex:
         self._lock = asyncio.Lock()
         self._last_refresh = -math.inf
         self._watermark: datetime | None = None
+        self._watermark_id = ""
         self._reset()
 
     def _reset(self) -> None:
@@ -244,8 +246,11 @@ class KnowledgeIndex:
         self._conf = np.zeros(1024, np.float64)
         self._confirmed = np.zeros(1024, np.float64)  # epoch seconds, nan when unknown
         self._domains: list[str | None] = []
+        self._domain_code = np.zeros(1024, np.int32)  # per row: index into _domain_names
+        self._domain_names: dict[str | None, int] = {None: 0}
         self._text: dict[str, tuple[str, str]] = {}
         self._watermark = None
+        self._watermark_id = ""
 
     def __len__(self) -> int:
         return int(self._active[: len(self._ids)].sum())
@@ -262,6 +267,7 @@ class KnowledgeIndex:
             self._active[row:] = False
             self._conf = np.resize(self._conf, grow)
             self._confirmed = np.resize(self._confirmed, grow)
+            self._domain_code = np.resize(self._domain_code, grow)
         self._ids.append(knowledge_id)
         self._domains.append(None)
         self._row[knowledge_id] = row
@@ -285,6 +291,7 @@ class KnowledgeIndex:
         self._conf[row] = confidence
         self._confirmed[row] = confirmed_at.timestamp() if confirmed_at else np.nan
         self._domains[row] = domain
+        self._domain_code[row] = self._domain_names.setdefault(domain, len(self._domain_names))
         self._text[knowledge_id] = (question, answer)
 
     def deactivate(self, knowledge_id: str) -> None:
@@ -299,21 +306,18 @@ class KnowledgeIndex:
         async with self._lock:
             if not force and time.monotonic() - self._last_refresh < self._refresh_every_s:
                 return
+            since, after = self._watermark, self._watermark_id
             while True:
                 async with self._sessions() as session:
                     rows = await queries.knowledge_changed_since(
-                        session=session, since=self._watermark
+                        session=session, since=since, after_id=after, limit=REFRESH_PAGE
                     )
-                fresh = [
-                    r
-                    for r in rows
-                    if queries.as_utc(r.updated_at) != self._watermark
-                    or r.knowledge_id not in self._row
-                ]
                 await self._load(rows)
-                if rows:
-                    self._watermark = queries.as_utc(rows[-1].updated_at)
-                if len(rows) < 5000 or not fresh:
+                if not rows:
+                    break
+                since, after = queries.as_utc(rows[-1].updated_at), rows[-1].knowledge_id
+                self._watermark, self._watermark_id = since, after
+                if len(rows) < REFRESH_PAGE:
                     break
             self._last_refresh = time.monotonic()
 
@@ -353,7 +357,10 @@ class KnowledgeIndex:
         sims = self._vecs[:n] @ vector.astype(np.float32)
         mask = self._active[:n].copy()
         if domain is not None:
-            mask &= np.fromiter((d == domain for d in self._domains), bool, count=n)
+            code = self._domain_names.get(domain)
+            if code is None:
+                return []
+            mask &= self._domain_code[:n] == code
         sims = np.where(mask, sims, -np.inf)
         top = min(k, int(mask.sum()))
         if top == 0:

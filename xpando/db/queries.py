@@ -223,12 +223,22 @@ async def get_knowledge(*, session: AsyncSession, knowledge_id: str) -> Knowledg
 
 
 async def knowledge_changed_since(
-    *, session: AsyncSession, since: datetime | None, limit: int = 5000
+    *,
+    session: AsyncSession,
+    since: datetime | None,
+    after_id: str = "",
+    limit: int = 5000,
 ) -> list[Knowledge]:
-    """Items written at or after ``since`` (oldest first), for incremental index refreshes."""
+    """Items written after (``since``, ``after_id``) in (updated_at, knowledge_id) order: keyset
+    pagination for incremental index refreshes (many items can share one timestamp)."""
     stmt = select(Knowledge).order_by(col(Knowledge.updated_at), col(Knowledge.knowledge_id))
     if since is not None:
-        stmt = stmt.where(col(Knowledge.updated_at) >= since)
+        stmt = stmt.where(
+            or_(
+                col(Knowledge.updated_at) > since,
+                and_(col(Knowledge.updated_at) == since, col(Knowledge.knowledge_id) > after_id),
+            )
+        )
     return list((await session.exec(stmt.limit(limit))).all())
 
 
