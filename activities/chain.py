@@ -34,12 +34,13 @@ from __future__ import annotations
 import asyncio
 import base64
 import fcntl
+import functools
 import json
 import os
 import threading
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -78,6 +79,7 @@ TOKEN_ACCOUNT_SIZE = 165
 TREASURY_SOL = 1_000 * 10**9  # lamports the embedded treasury gets for fees and account rent
 SEND_CONCURRENCY = 8  # RPC sends in flight per batch
 SIGNATURES_PAGE = 1000
+READ_ATTEMPTS = 5  # attempts of one read inside a long scan (reconciliation)
 
 _TRANSFER = 3
 _TRANSFER_CHECKED = 12
@@ -725,8 +727,12 @@ class Chain(ABC):
     async def transaction(self, signature: str) -> OnChainTransfer | None: ...
 
     @abstractmethod
-    async def treasury_transfers(self, *, since: datetime | None) -> list[OnChainTransfer]:
-        """Transactions that touched the treasury's token account (newest first)."""
+    async def treasury_transfers(
+        self, *, since: datetime | None, memo_contains: str | None = None
+    ) -> list[OnChainTransfer]:
+        """Successful transactions that touched the treasury's token account (newest first),
+        landed at or after ``since``; with ``memo_contains``, those whose memo may contain it
+        (a hint: the RPC's signature listing carries memos, so others need not be fetched)."""
 
     @abstractmethod
     async def token_balance(self, account: Pubkey) -> int | None: ...
@@ -808,12 +814,18 @@ class LiteSvmChain(Chain):
         landed = await asyncio.to_thread(self.ledger.landed, signature)
         return None if landed is None else _landed_transfer(landed)
 
-    async def treasury_transfers(self, *, since: datetime | None) -> list[OnChainTransfer]:
+    async def treasury_transfers(
+        self, *, since: datetime | None, memo_contains: str | None = None
+    ) -> list[OnChainTransfer]:
         cutoff = since.timestamp() if since else None
         found = await asyncio.to_thread(
             self.ledger.signatures_for, str(self.treasury_token_account), limit=10**9
         )
-        return [_landed_transfer(x) for x in found if cutoff is None or x.block_time >= cutoff - 1]
+        return [
+            _landed_transfer(x)
+            for x in found
+            if x.err is None and (cutoff is None or x.block_time >= cutoff - 1)
+        ]
 
     async def token_balance(self, account: Pubkey) -> int | None:
         return await asyncio.to_thread(self.ledger.token_balance, account)
@@ -970,12 +982,15 @@ class RpcChain(Chain):
             transfer=parse_transfer(raw),
         )
 
-    async def treasury_transfers(self, *, since: datetime | None) -> list[OnChainTransfer]:
+    async def treasury_transfers(
+        self, *, since: datetime | None, memo_contains: str | None = None
+    ) -> list[OnChainTransfer]:
         cutoff = since.timestamp() if since else None
         before: Signature | None = None
         sigs: list[str] = []
-        while True:
-            resp = await self._call(
+
+        async def listing(before: Signature | None) -> Any:
+            return await self._call(
                 self._client.get_signatures_for_address(
                     self.treasury_token_account,
                     before=before,
@@ -983,6 +998,9 @@ class RpcChain(Chain):
                     commitment=self.commitment,
                 )
             )
+
+        while True:
+            resp = await self._retrying(functools.partial(listing, before))
             page = resp.value
             done = not page
             for item in page:
@@ -993,12 +1011,33 @@ class RpcChain(Chain):
                 ):
                     done = True
                     break
+                if item.err is not None:
+                    continue  # a failed transaction moved nothing
+                if memo_contains and item.memo is not None and memo_contains not in item.memo:
+                    continue
                 sigs.append(str(item.signature))
             if done or len(page) < SIGNATURES_PAGE:
                 break
             before = page[-1].signature
-        found = [await self.transaction(s) for s in sigs]
-        return [t for t in found if t is not None]
+        found: list[OnChainTransfer] = []
+        for sig in sigs:
+            t = await self._retrying(functools.partial(self.transaction, sig))
+            if t is not None and t.err is None:
+                found.append(t)
+        return found
+
+    async def _retrying(
+        self, call: Callable[[], Awaitable[Any]], attempts: int = READ_ATTEMPTS
+    ) -> Any:
+        """A read repeated over transient failures (a long scan should not fail on one 429)."""
+        for attempt in range(attempts):
+            try:
+                return await call()
+            except ChainUnavailable as err:
+                if attempt + 1 == attempts:
+                    raise
+                await asyncio.sleep(max(err.retry_after_s or 0.0, min(2.0, 0.2 * 2**attempt)))
+        raise AssertionError("unreachable")
 
     async def token_balance(self, account: Pubkey) -> int | None:
         try:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
@@ -38,6 +39,7 @@ from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
 from activities.chain import (
+    READ_ATTEMPTS,
     Chain,
     ChainError,
     ChainHandle,
@@ -347,10 +349,10 @@ class PayoutActivities:
             epoch = await ledger.get_epoch(session=session, epoch=input.epoch)
             paid = await ledger.paid_rows(session=session, epoch=input.epoch)
         since = ledger.utc(epoch.closed_at) - RECONCILE_LOOKBACK if epoch is not None else None
-        transfers: list[OnChainTransfer] = await _chain_call(
-            lambda: chain.treasury_transfers(since=since)
-        )
         prefix = f"xpd-{input.epoch}-"
+        transfers: list[OnChainTransfer] = await _chain_call(
+            lambda: chain.treasury_transfers(since=since, memo_contains=prefix)
+        )
         ours = [
             t
             for t in transfers
@@ -364,7 +366,9 @@ class PayoutActivities:
         missing: list[str] = []
         mismatched: list[str] = []
         for row in paid:
-            found = by_sig.get(row.signature or "") or await _fetch(chain, row.signature or "")
+            found = by_sig.get(row.signature or "") or await _chain_call(
+                functools.partial(_fetch, chain, row.signature or "")
+            )
             if found is None or found.err is not None:
                 missing.append(row.payout_id)
                 continue
@@ -714,8 +718,15 @@ async def _chain_call(fn: Callable[[], Awaitable[Any]]) -> Any:
 
 
 async def _fetch(chain: Chain, signature: str) -> OnChainTransfer | None:
-    found: OnChainTransfer | None = await _chain_call(lambda: chain.transaction(signature))
-    return found
+    """One transaction, read again over a few transient failures."""
+    for attempt in range(READ_ATTEMPTS):
+        try:
+            return await chain.transaction(signature)
+        except ChainUnavailable:
+            if attempt + 1 == READ_ATTEMPTS:
+                raise
+            await asyncio.sleep(min(2.0, 0.2 * 2**attempt))
+    return None
 
 
 async def _statuses(chain: Chain, signatures: Sequence[str]) -> dict[str, SignatureStatus | None]:

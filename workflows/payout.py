@@ -140,7 +140,9 @@ class PayoutSagaWorkflow:
                 retry_policy=LEDGER_RETRY,
             )
             reconciled = report.ok
-        except BaseException as err:  # cancellation is not an Exception
+        except (Exception, asyncio.CancelledError) as err:  # cancellation is not an Exception
+            # (Not BaseException: the SDK evicts a cached workflow by raising one, which must
+            # pass through untouched.)
             self._stage = PayoutStage.COMPENSATING
             await asyncio.shield(
                 asyncio.ensure_future(self._compensate(epoch, "saga_aborted", None))

@@ -35,7 +35,13 @@ from typing import Any
 
 from solders.pubkey import Pubkey
 
-from activities.chain import Landed, SvmLedger, TransactionRejected, signature_of
+from activities.chain import (
+    Landed,
+    SvmLedger,
+    TransactionRejected,
+    parse_transfer,
+    signature_of,
+)
 
 SEND_KINDS = ("drop", "lost_response", "expire_and_drop")
 
@@ -260,7 +266,7 @@ class LoopbackSolanaRpc:
                 "signature": x.signature,
                 "slot": x.slot,
                 "err": x.err,
-                "memo": None,
+                "memo": _memo(x),
                 "blockTime": x.block_time,
                 "confirmationStatus": "finalized",
             }
@@ -303,6 +309,12 @@ class LoopbackSolanaRpc:
             "context": self._context(),
             "value": self.ledger.balance(Pubkey.from_string(params[0])),
         }
+
+
+def _memo(landed: Landed) -> str | None:
+    """The memo as a validator lists it with a signature: ``[<length>] <text>``."""
+    memo = parse_transfer(landed.tx).memo
+    return None if memo is None else f"[{len(memo.encode())}] {memo}"
 
 
 def _status(landed: Landed) -> dict[str, Any]:
