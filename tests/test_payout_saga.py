@@ -8,6 +8,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -25,7 +26,7 @@ from spl.token.instructions import (
     transfer_checked,
 )
 from spl.token.models import FreezeAccountParams, MintToCheckedParams, TransferCheckedParams
-from temporalio.client import Client
+from temporalio.client import Client, WorkflowHandle
 from temporalio.service import RPCError
 from temporalio.worker import Worker
 
@@ -64,6 +65,13 @@ from xpando.keys import load_keypair, treasury_key_path
 from xpando.settings import Settings
 
 HISTORY_DIR = Path(__file__).parent / "histories"
+
+
+async def record_history(handle: WorkflowHandle[Any, Any], name: str) -> None:
+    """``XPANDO_RECORD_HISTORIES=1`` saves the run for tests/test_replay.py."""
+    if os.environ.get("XPANDO_RECORD_HISTORIES"):
+        history = await handle.fetch_history()
+        (HISTORY_DIR / f"{name}.json").write_text(history.to_json())
 
 
 @pytest.fixture
@@ -137,9 +145,6 @@ async def test_an_epoch_pays_every_node_once_and_carries_over_the_one_without_a_
         assert resp.status_code == 202, resp.text
         handle = client.get_workflow_handle_for(PayoutSagaWorkflow.run, epoch_workflow_id(epoch))
         result = await handle.result()
-        if os.environ.get("XPANDO_RECORD_HISTORIES"):
-            history = await handle.fetch_history()
-            (HISTORY_DIR / "payout_saga_workflow.json").write_text(history.to_json())
         again = await api.post(f"/v1/payouts/epochs/{epoch}/settle")
 
     assert result.stage == PayoutStage.SETTLED and result.reconciled is True
@@ -241,9 +246,9 @@ async def test_above_the_threshold_an_epoch_waits_for_an_approval_through_the_ap
         twice = await api.post(f"/v1/payouts/epochs/{epoch}/approve", json={"approver": "bob"})
         assert twice.status_code == 409
         assert twice.json()["error"]["code"] == "not_awaiting_approval"
-        result = await client.get_workflow_handle_for(
-            PayoutSagaWorkflow.run, epoch_workflow_id(epoch)
-        ).result()
+        handle = client.get_workflow_handle_for(PayoutSagaWorkflow.run, epoch_workflow_id(epoch))
+        result = await handle.result()
+        await record_history(handle, "payout_saga_workflow")  # approval update, batches
         view = (await api.get(f"/v1/payouts/epochs/{epoch}")).json()
         late = await api.post(f"/v1/payouts/epochs/{epoch}/approve", json={"approver": "carol"})
     assert result.stage == PayoutStage.SETTLED and result.approver == "alice"
@@ -351,6 +356,9 @@ async def test_a_treasury_that_runs_dry_mid_epoch_is_compensated_and_nothing_is_
     s = psettings.model_copy(update={"payout_batch_size": 2, "payout_concurrency": 1})
     async with core_worker(client, s, sessions, hooks=DrainTreasury(chain)):
         dry = await settle(client, s, epoch)
+        await record_history(  # compensation after failed transfers
+            client.get_workflow_handle(epoch_workflow_id(epoch)), "payout_saga_compensation"
+        )
     assert dry.stage == PayoutStage.SETTLED and dry.reconciled
     assert (dry.paid, dry.carried_over) == (2, 4)
     async with sessions() as session:

@@ -36,6 +36,9 @@ def test_every_workflow_has_a_recorded_history() -> None:
         "task_workflow_failover",  # a hedged expert, its standby, breaker reports
         "node_registration_workflow",
         "knowledge_workflow",
+        "payout_saga_workflow",  # an approval update, paid batches, reconciliation
+        "payout_saga_compensation",  # transfers refused mid-epoch, carried over
+        "payout_saga_tick",  # a Schedule tick starting one saga per due epoch
     }
 
 
