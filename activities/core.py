@@ -87,7 +87,19 @@ class CoreActivities:
                     knowledge_id=hit.knowledge_id,
                     similarity=hit.similarity,
                 )
-        return PlanResult(domain=input.domain, context=context, reuse=reuse)
+        suggested_k = None
+        if (
+            reuse is None
+            and not input.fresh
+            and cfg.confirm_similarity > 0
+            and hits
+            and hits[0].similarity >= cfg.confirm_similarity
+            and hits[0].confidence >= cfg.reuse_min_confidence
+        ):
+            suggested_k = cfg.confirm_k
+        return PlanResult(
+            domain=input.domain, context=context, reuse=reuse, suggested_k=suggested_k
+        )
 
     @activity.defn(name="route")
     async def route(self, input: RouteInput) -> RouteResult:

@@ -86,7 +86,12 @@ class Counting:
 
 
 async def run_workload(
-    client: Client, rows: list[dict[str, Any]], *, reuse: bool, data: Path
+    client: Client,
+    rows: list[dict[str, Any]],
+    *,
+    reuse: bool,
+    data: Path,
+    confirm_similarity: float | None = None,
 ) -> dict[str, Any]:
     queue = f"bench-core-{uuid.uuid4().hex[:6]}"
     settings = Settings(
@@ -96,6 +101,11 @@ async def run_workload(
         database_url=f"sqlite+aiosqlite:///{data / f'bench-{queue}.db'}",
         core_task_queue=queue,
         log_level="WARNING",
+        **(
+            {"knowledge_confirm_similarity": confirm_similarity}
+            if confirm_similarity is not None
+            else {}
+        ),
     )
     engine = create_engine(settings.database_dsn)
     await init_db(engine)
@@ -127,7 +137,7 @@ async def run_workload(
             await asyncio.sleep(0.1)
 
         source_group: dict[str, str] = {}
-        reused = false_reuse = failed = 0
+        reused = false_reuse = failed = answered = 0
         false_examples: list[tuple[str, str]] = []
         latencies: list[float] = []
         for row in rows:
@@ -144,6 +154,7 @@ async def run_workload(
                 failed += 1
                 continue
             latencies.append(time.perf_counter() - started)
+            answered += result.confidence > 0
             source_group[task_id] = row["group"]
             if result.reused is not None:
                 reused += 1
@@ -156,6 +167,7 @@ async def run_workload(
         return {
             "tasks": len(rows),
             "failed": failed,
+            "answered": answered,
             "provider_calls": calls,
             "tokens_in": tin,
             "tokens_out": tout,
@@ -252,6 +264,12 @@ async def main() -> None:
     parser.add_argument("--tasks", type=int, default=500, help="first N workload lines")
     parser.add_argument("--items", type=int, default=100_000, help="items for the search test")
     parser.add_argument("--skip-workload", action="store_true")
+    parser.add_argument(
+        "--confirm-similarity",
+        type=float,
+        default=None,
+        help="override XPANDO_KNOWLEDGE_CONFIRM_SIMILARITY (0 disables single-expert confirmation)",
+    )
     args = parser.parse_args()
     configure_logging(Settings(_env_file=None, log_level="WARNING"))  # type: ignore[call-arg]
     rows = [json.loads(line) for line in WORKLOAD.read_text().splitlines()][: args.tasks]
@@ -269,7 +287,13 @@ async def main() -> None:
                 print(f"workload: {len(rows)} tasks {dict(kinds)}, k={K}", flush=True)
                 off = await run_workload(env.client, rows, reuse=False, data=data)
                 print(f"reuse off: {_fmt(off)}", flush=True)
-                on = await run_workload(env.client, rows, reuse=True, data=data)
+                on = await run_workload(
+                    env.client,
+                    rows,
+                    reuse=True,
+                    data=data,
+                    confirm_similarity=args.confirm_similarity,
+                )
                 print(f"reuse on:  {_fmt(on)}", flush=True)
             finally:
                 await env.shutdown()
@@ -308,6 +332,7 @@ def _fmt(r: dict[str, Any]) -> str:
     return (
         f"calls={r['provider_calls']} tokens={r['tokens_in']}+{r['tokens_out']} "
         f"reused={r['reused']} false={r['false_reuse']} failed={r['failed']} "
+        f"answered={r['answered']}/{r['tasks']} "
         f"p50={r['p50_ms']:.0f}ms"
     )
 

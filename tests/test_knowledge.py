@@ -11,8 +11,10 @@ from pathlib import Path
 
 import httpx
 from sqlalchemy.ext.asyncio import AsyncEngine
+from temporalio import activity
 from temporalio.api.enums.v1 import EventType
 from temporalio.client import Client, WorkflowHandle
+from temporalio.worker import Worker
 
 from activities.knowledge import KnowledgeActivities, knowledge_workflow_id
 from api.main import create_app
@@ -22,13 +24,19 @@ from workers.node import NodeSpec, build_node, build_node_worker, register
 from workflows.knowledge import KnowledgeWorkflow
 from workflows.task import TaskWorkflow
 from xpando.contracts import (
+    AnswerInput,
+    AnswerResult,
     ConsolidateInput,
+    ContributionStatus,
     KnowledgeItemInput,
     KnowledgeStats,
     KnowledgeWorkflowInput,
+    NodeDomain,
+    NodeProfile,
     ProvenanceNode,
     TaskInput,
     TaskResult,
+    node_task_queue,
 )
 from xpando.db import SessionFactory, queries, session_factory
 from xpando.db.models import Knowledge
@@ -126,6 +134,10 @@ async def test_paraphrase_is_answered_from_knowledge_and_different_questions_are
         _, fresh = await _task(client, settings, PARAPHRASE, fresh=True)
         for result in (hard, planet, fresh):
             assert result.reused is None
+        # The hard-egg question is close to a known item: one expert confirms instead of two.
+        assert [c.node_id for c in hard.contributions] == [cooking]
+        assert hard.contributions[0].status.value == "ok"
+        for result in (planet, fresh):
             assert {c.node_id for c in result.contributions} == {cooking, astronomy}
         assert planet.domain == "astronomy"
 
@@ -313,3 +325,86 @@ async def test_consolidation_on_sqlite_and_postgresql(
     other = build_knowledge_index(sessions, settings)
     hits = await other.search("pruning roses in winter", k=3)
     assert hits[0].knowledge_id == "kn-t1" and "kn-t2" not in {h.knowledge_id for h in hits}
+
+
+def _scripted_answer(no_answer: set[str]) -> object:
+    @activity.defn(name="answer")
+    async def answer(input: AnswerInput) -> AnswerResult:
+        found = input.node_id not in no_answer
+        return AnswerResult(
+            node_id=input.node_id,
+            region="eu-west",
+            provider="fake",
+            model="fake-1",
+            status=ContributionStatus.OK if found else ContributionStatus.NO_ANSWER,
+            answer=f"yeast makes the dough rise ({input.node_id})" if found else "nothing",
+            relevance=0.9 if found else 0.1,
+        )
+
+    return answer
+
+
+async def _confirm_run(
+    client: Client, settings: Settings, sessions: SessionFactory, *, first_has_answer: bool
+) -> TaskResult:
+    """A known item about bread; a related prompt about pizza dough (not reusable)."""
+    now = datetime.now(UTC)
+    best, other = f"baker-{uuid.uuid4().hex[:6]}", f"cook-{uuid.uuid4().hex[:6]}"
+    async with sessions() as s:
+        s.add(
+            Knowledge(
+                knowledge_id="kn-bread",
+                task_id="task-bread",
+                question="Why does bread need yeast?",
+                answer="Yeast ferments sugar into carbon dioxide, which makes bread rise.",
+                domain="baking",
+                confidence=0.9,
+                confirmed_at=now,
+                created_at=now,
+                updated_at=now,
+            )
+        )
+        for node_id, keywords in ((best, ["pizza", "dough", "yeast"]), (other, ["yeast"])):
+            await queries.upsert_node(
+                session=s,
+                profile=NodeProfile(
+                    node_id=node_id,
+                    region="eu-west",
+                    provider="fake",
+                    model="fake-1",
+                    domains=[NodeDomain(name="baking", keywords=keywords)],
+                ),
+                now=now,
+            )
+        await s.commit()
+    answer = _scripted_answer(set() if first_has_answer else {best})
+    async with AsyncExitStack() as stack:
+        await stack.enter_async_context(
+            build_core_worker(client, sessions=sessions, settings=settings)
+        )
+        for node_id in (best, other):
+            await stack.enter_async_context(
+                Worker(client, task_queue=node_task_queue(node_id), activities=[answer])  # type: ignore[list-item]
+            )
+        await wait_live(client, node_task_queue(best), node_task_queue(other))
+        _, result = await _task(client, settings, "Why does pizza dough need yeast?")
+    return result
+
+
+async def test_a_related_known_item_means_one_expert_confirms_instead_of_the_panel(
+    client: Client, settings: Settings, sessions: SessionFactory
+) -> None:
+    result = await _confirm_run(client, settings, sessions, first_has_answer=True)
+    assert result.reused is None  # not close enough to reuse
+    assert len(result.contributions) == 1  # one expert, not k=2
+    assert result.contributions[0].node_id.startswith("baker-")
+    assert "kn-bread" in result.knowledge_used  # the item went to that expert as context
+
+
+async def test_the_panel_is_asked_when_the_confirming_expert_has_no_answer(
+    client: Client, settings: Settings, sessions: SessionFactory
+) -> None:
+    result = await _confirm_run(client, settings, sessions, first_has_answer=False)
+    statuses = {c.node_id.split("-")[0]: c.status.value for c in result.contributions}
+    assert statuses == {"baker": "no_answer", "cook": "ok"}
+    assert result.answer.startswith("yeast makes the dough rise (cook-")

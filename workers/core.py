@@ -10,10 +10,14 @@ from temporalio.worker import Worker
 from activities.breaker import BreakerPolicy
 from activities.core import CoreActivities
 from activities.knowledge import KnowledgeActivities, KnowledgeConfig, KnowledgeIndex
+from activities.payouts import PayoutActivities
 from activities.providers.base import Provider, ProviderConfig
 from activities.providers.registry import DEFAULT_MODELS, make_provider
-from activities.payouts import PayoutActivities
-from workers.payouts import build_payout_activities, ensure_payout_schedule, payout_activity_methods
+from workers.payouts import (
+    build_payout_activities,
+    ensure_payout_schedule,
+    payout_activity_methods,
+)
 from workers.runtime import stop_on_signals
 from workflows.knowledge import KnowledgeWorkflow
 from workflows.node_registration import NodeRegistrationWorkflow
@@ -36,6 +40,8 @@ def knowledge_config(settings: Settings) -> KnowledgeConfig:
         reuse_similarity=settings.knowledge_reuse_similarity,
         reuse_similarity_strong=settings.knowledge_reuse_similarity_strong,
         reuse_unexplained_terms=settings.knowledge_reuse_unexplained_terms,
+        confirm_similarity=settings.knowledge_confirm_similarity,
+        confirm_k=settings.knowledge_confirm_k,
         reuse_min_confidence=settings.knowledge_reuse_min_confidence,
         context_similarity=settings.knowledge_context_similarity,
         merge_similarity=settings.knowledge_merge_similarity,

@@ -78,6 +78,7 @@ OUTCOME_RETRY = RetryPolicy(initial_interval=timedelta(milliseconds=200), maximu
 # Behaviour changes that running workflows must not see mid-run (see workflow.patched).
 PATCH_EXPERT_FAILOVER = "expert-failover"
 PATCH_KNOWLEDGE_REUSE = "knowledge-reuse"
+PATCH_KNOWLEDGE_CONFIRM = "knowledge-confirm"
 PATCH_KNOWLEDGE_PUBLISH = "knowledge-publish"
 KNOWLEDGE_CONTEXT_ITEMS = 3
 
@@ -115,6 +116,17 @@ class TaskWorkflow:
         if plan.reuse is not None and workflow.patched(PATCH_KNOWLEDGE_REUSE):
             return await self._answer_from_knowledge(input, plan.reuse)
 
+        # A related item is known: one expert, given it as context, answers first; the full
+        # panel is asked only if that expert cannot (see _confirm_or_widen).
+        k = input.k
+        confirming = (
+            plan.suggested_k is not None
+            and plan.suggested_k < input.k
+            and workflow.patched(PATCH_KNOWLEDGE_CONFIRM)
+        )
+        if confirming and plan.suggested_k is not None:
+            k = plan.suggested_k
+
         self._set_stage(TaskStage.ROUTING)
         try:
             route: RouteResult = await workflow.execute_local_activity_method(
@@ -122,7 +134,7 @@ class TaskWorkflow:
                 RouteInput(
                     task_id=input.task_id,
                     prompt=input.prompt,
-                    k=input.k,
+                    k=k,
                     standbys=STANDBYS,
                     domain=input.domain,
                     regions=input.regions,
@@ -144,6 +156,8 @@ class TaskWorkflow:
 
         self._set_stage(TaskStage.ANSWERING)
         contributions = await self._fan_out(input, route, plan)
+        if confirming and not any(c.status == ContributionStatus.OK for c in contributions):
+            contributions = await self._widen(input, plan, contributions)
 
         if not any(c.status != ContributionStatus.FAILED for c in contributions):
             tried = ", ".join(f"{c.node_id} [{c.provider}] ({c.error})" for c in contributions)
@@ -462,6 +476,32 @@ class TaskWorkflow:
             cost_usd=answer.cost_usd,
             request_id=answer.request_id,
         )
+
+    async def _widen(
+        self, input: TaskInput, plan: PlanResult, contributions: list[Contribution]
+    ) -> list[Contribution]:
+        """The confirming expert had no answer: ask the rest of the panel (not the ones asked)."""
+        asked = [c.node_id for c in contributions]
+        try:
+            route: RouteResult = await workflow.execute_local_activity_method(
+                CoreActivities.route,
+                RouteInput(
+                    task_id=input.task_id,
+                    prompt=input.prompt,
+                    k=max(1, input.k - len(asked)),
+                    standbys=STANDBYS,
+                    domain=input.domain,
+                    regions=input.regions,
+                    exclude=asked,
+                ),
+                start_to_close_timeout=CORE_STEP_TIMEOUT,
+                retry_policy=CORE_STEP_RETRY,
+            )
+        except ActivityError:
+            return contributions  # nobody else to ask: aggregate what we have
+        self._chosen.extend(c.node_id for c in route.chosen)
+        more = await self._fan_out(input, route, plan)
+        return sorted([*contributions, *more], key=lambda c: c.node_id)
 
     async def _answer_from_knowledge(self, input: TaskInput, reuse: KnowledgeReuse) -> TaskResult:
         """A confident match in stored knowledge answers the task: no experts, no provider cost."""

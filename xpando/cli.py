@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 import uuid
 from collections.abc import Sequence
@@ -89,12 +90,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     component = args.command if args.command != "worker" else f"worker-{args.kind}"
     configure_logging(settings, component=component)
     try:
-        return _dispatch(args, settings)
+        code = _dispatch(args, settings)
     except KeyboardInterrupt:
-        return 130
+        code = 130
     except CliError as err:
         print(f"xpando: error: {err}", file=sys.stderr)
-        return 2
+        code = 2
+    if args.command in _SHORT_TEMPORAL_COMMANDS and argv is None:
+        # The Temporal client's Rust runtime threads can touch the interpreter while it
+        # finalizes and abort the process (seen intermittently after a failed connect:
+        # "PyGILState_Release: thread state … must be current"). A one-shot command has
+        # nothing left to clean up, so it leaves without finalizing.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
+
+
+_SHORT_TEMPORAL_COMMANDS = frozenset({"task", "search-attributes", "chain", "db"})
 
 
 class CliError(Exception):

@@ -204,6 +204,8 @@ class PlanResult(Contract):
     domain: str | None
     context: list[KnowledgeSnippet] = Field(default_factory=list)
     reuse: KnowledgeReuse | None = None
+    # A related item is known but not close enough to reuse: ask this many experts first.
+    suggested_k: int | None = None
 
 
 class RouteInput(Contract):

@@ -152,6 +152,16 @@ class Settings(BaseSettings):
     knowledge_reuse_unexplained_terms: int = Field(
         0, ge=0, description="Extra content words a reused prompt may add below the strong bar"
     )
+    knowledge_confirm_similarity: float = Field(
+        0.6,
+        ge=0.0,
+        le=1.0,
+        description="A prompt this close to a stored item is first asked of "
+        "knowledge_confirm_k experts only (0 disables)",
+    )
+    knowledge_confirm_k: int = Field(
+        1, ge=1, description="Experts asked first when a related item is known"
+    )
     knowledge_reuse_min_confidence: float = Field(
         0.5, ge=0.0, le=1.0, description="Only items at least this confident are reused"
     )

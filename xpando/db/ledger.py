@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import func, update
+from sqlalchemy import JSON, String, bindparam, func, or_, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
@@ -31,6 +31,15 @@ CONFIRMED, FINALIZED, FAILED, CARRIED_OVER = "confirmed", "finalized", "failed",
 PAID = (CONFIRMED, FINALIZED)
 IN_FLIGHT = (SIGNED, SENT)
 OPEN_EPOCH = ("closed", "awaiting_approval", "paying")
+
+
+CHUNK = 500  # ids per IN (...) list
+
+
+def _update(model: Any) -> Any:
+    """An ORM UPDATE that does not re-evaluate its criteria against every object in the
+    session (which makes closing a 1,000-node epoch quadratic)."""
+    return update(model).execution_options(synchronize_session=False)
 
 
 class LedgerConflict(Exception):
@@ -233,7 +242,7 @@ async def close_epoch(
         if node not in ids:
             continue
         result = await session.exec(
-            update(Payout)
+            _update(Payout)
             .where(col(Payout.payout_id).in_([p.payout_id for p in rows]))
             .where(col(Payout.carried_into).is_(None))
             .values(carried_into=ids[node], updated_at=now)
@@ -241,20 +250,29 @@ async def close_epoch(
         if result.rowcount != len(rows):
             await session.rollback()
             raise LedgerConflict(f"carried-over payouts of {node} were claimed concurrently")
-    by_node: dict[str, list[int]] = defaultdict(list)
-    for a in taken:
-        assert a.id is not None
-        by_node[a.node_id].append(a.id)
-    for node, accrual_ids in by_node.items():
+    # Claim the accruals (all or nothing), then name the payout each one went into.
+    accrual_ids = [a.id for a in taken if a.id is not None]
+    claimed = 0
+    for start in range(0, len(accrual_ids), CHUNK):
+        chunk = accrual_ids[start : start + CHUNK]
         result = await session.exec(
-            update(Accrual)
-            .where(col(Accrual.id).in_(accrual_ids))
-            .where(col(Accrual.settled_epoch).is_(None))
-            .values(settled_epoch=epoch, payout_id=ids.get(node))
+            _update(Accrual)
+            .where(col(Accrual.id).in_(chunk), col(Accrual.settled_epoch).is_(None))
+            .values(settled_epoch=epoch)
         )
-        if result.rowcount != len(accrual_ids):
-            await session.rollback()
-            raise LedgerConflict(f"accruals of {node} were settled concurrently")
+        claimed += result.rowcount
+    if claimed != len(accrual_ids):
+        await session.rollback()
+        raise LedgerConflict(f"accruals of epoch {epoch} were settled concurrently")
+    named = [{"b_id": a.id, "b_payout": ids.get(a.node_id)} for a in taken if ids.get(a.node_id)]
+    if named:
+        table = Accrual.__table__  # type: ignore[attr-defined]
+        await session.exec(
+            update(table)
+            .where(table.c.id == bindparam("b_id"))
+            .values(payout_id=bindparam("b_payout")),
+            params=named,
+        )
     await session.commit()
     return row
 
@@ -380,54 +398,80 @@ class Signed:
     signatures: list[str]
 
 
+def _payouts() -> Any:
+    return Payout.__table__  # type: ignore[attr-defined]
+
+
+def _unfinished(t: Any) -> Any:
+    # Not IN (...): an expanding parameter cannot be used in an executemany.
+    return or_(t.c.status == PREPARED, t.c.status == SIGNED, t.c.status == SENT)
+
+
 async def store_signed(
     *, session: AsyncSession, signed: Sequence[Signed], now: datetime
 ) -> set[str]:
-    """Store signed transactions before they are sent, one transaction for the batch. A payout
-    whose signature changed meanwhile (another attempt re-signed it) is left alone; returns
-    the ids that were stored."""
-    stored: set[str] = set()
-    for s in signed:
-        current = (
-            col(Payout.signature).is_(None)
-            if s.previous is None
-            else col(Payout.signature) == s.previous
+    """Store signed transactions before they are sent, one statement and one commit for the
+    batch. Compare-and-set on the previous signature: a payout another attempt re-signed
+    meanwhile is left alone. Returns the ids that were stored."""
+    if not signed:
+        return set()
+    t = _payouts()
+    await session.exec(
+        update(t)
+        .where(
+            t.c.payout_id == bindparam("b_id"),
+            func.coalesce(t.c.signature, "")
+            == func.coalesce(bindparam("b_prev", type_=String), ""),
+            _unfinished(t),
         )
-        result = await session.exec(
-            update(Payout)
-            .where(col(Payout.payout_id) == s.payout_id, current)
-            .where(col(Payout.status).in_((PREPARED, SIGNED, SENT)))
-            .values(
-                status=SIGNED,
-                signature=s.signature,
-                tx=s.tx_b64,
-                blockhash=s.blockhash,
-                last_valid_height=s.last_valid_height,
-                signatures=s.signatures,
-                attempts=Payout.attempts + 1,
-                signed_at=now,
-                updated_at=now,
-            )
-        )
-        if result.rowcount == 1:
-            stored.add(s.payout_id)
+        .values(
+            status=SIGNED,
+            signature=bindparam("b_sig"),
+            tx=bindparam("b_tx"),
+            blockhash=bindparam("b_bh"),
+            last_valid_height=bindparam("b_lvh"),
+            signatures=bindparam("b_sigs", type_=JSON),
+            attempts=t.c.attempts + 1,
+            signed_at=now,
+            updated_at=now,
+        ),
+        params=[
+            {
+                "b_id": s.payout_id,
+                "b_prev": s.previous,
+                "b_sig": s.signature,
+                "b_tx": s.tx_b64,
+                "b_bh": s.blockhash,
+                "b_lvh": s.last_valid_height,
+                "b_sigs": s.signatures,
+            }
+            for s in signed
+        ],
+    )
+    rows = await session.exec(
+        select(t.c.payout_id, t.c.signature).where(t.c.payout_id.in_([s.payout_id for s in signed]))
+    )
+    current = {pid: sig for pid, sig in rows.all()}
     await session.commit()
-    return stored
+    return {s.payout_id for s in signed if current.get(s.payout_id) == s.signature}
 
 
 async def mark_sent(
     *, session: AsyncSession, sent: Sequence[tuple[str, str]], now: datetime
 ) -> None:
-    for pid, signature in sent:
-        await session.exec(
-            update(Payout)
-            .where(
-                col(Payout.payout_id) == pid,
-                col(Payout.signature) == signature,
-                col(Payout.status) == SIGNED,
-            )
-            .values(status=SENT, sent_at=now, updated_at=now)
+    if not sent:
+        return
+    t = _payouts()
+    await session.exec(
+        update(t)
+        .where(
+            t.c.payout_id == bindparam("b_id"),
+            t.c.signature == bindparam("b_sig"),
+            t.c.status == SIGNED,
         )
+        .values(status=SENT, sent_at=now, updated_at=now),
+        params=[{"b_id": pid, "b_sig": sig} for pid, sig in sent],
+    )
     await session.commit()
 
 
@@ -438,19 +482,25 @@ async def mark_landed(
     now: datetime,
 ) -> None:
     """(payout id, signature, slot, confirmed|finalized) for transfers that landed."""
-    for pid, signature, slot, status in landed:
-        await session.exec(
-            update(Payout)
-            .where(col(Payout.payout_id) == pid, col(Payout.status).in_((PREPARED, SIGNED, SENT)))
-            .values(
-                status=status,
-                signature=signature,
-                slot=slot,
-                confirmed_at=now,
-                updated_at=now,
-                reason=None,
-            )
-        )
+    if not landed:
+        return
+    t = _payouts()
+    await session.exec(
+        update(t)
+        .where(t.c.payout_id == bindparam("b_id"), _unfinished(t))
+        .values(
+            status=bindparam("b_status"),
+            signature=bindparam("b_sig"),
+            slot=bindparam("b_slot"),
+            confirmed_at=now,
+            updated_at=now,
+            reason=None,
+        ),
+        params=[
+            {"b_id": pid, "b_sig": sig, "b_slot": slot, "b_status": status}
+            for pid, sig, slot, status in landed
+        ],
+    )
     await session.commit()
 
 
@@ -458,19 +508,26 @@ async def mark_failed(
     *, session: AsyncSession, failed: Sequence[tuple[str, str, str]], now: datetime
 ) -> None:
     """(payout id, reason, error) for payouts the chain definitively refused."""
-    for pid, reason, error in failed:
-        await session.exec(
-            update(Payout)
-            .where(col(Payout.payout_id) == pid, col(Payout.status).in_((PREPARED, SIGNED, SENT)))
-            .values(status=FAILED, reason=reason, error=error, updated_at=now)
-        )
+    if not failed:
+        return
+    t = _payouts()
+    await session.exec(
+        update(t)
+        .where(t.c.payout_id == bindparam("b_id"), _unfinished(t))
+        .values(
+            status=FAILED, reason=bindparam("b_reason"), error=bindparam("b_error"), updated_at=now
+        ),
+        params=[
+            {"b_id": pid, "b_reason": reason, "b_error": error} for pid, reason, error in failed
+        ],
+    )
     await session.commit()
 
 
 async def finalize(*, session: AsyncSession, ids: Sequence[str], now: datetime) -> None:
     if ids:
         await session.exec(
-            update(Payout)
+            _update(Payout)
             .where(col(Payout.payout_id).in_(list(ids)), col(Payout.status) == CONFIRMED)
             .values(status=FINALIZED, updated_at=now)
         )
