@@ -60,7 +60,7 @@ class KnowledgeConfig:
     reuse_similarity: float = 0.8
     reuse_similarity_strong: float = 0.9
     reuse_unexplained_terms: int = 0
-    confirm_similarity: float = 0.6  # 0 disables single-expert confirmation
+    confirm_similarity: float = 0.5  # 0 disables single-expert confirmation
     confirm_k: int = 1
     reuse_min_confidence: float = 0.5
     context_similarity: float = 0.6

@@ -153,7 +153,7 @@ class Settings(BaseSettings):
         0, ge=0, description="Extra content words a reused prompt may add below the strong bar"
     )
     knowledge_confirm_similarity: float = Field(
-        0.6,
+        0.5,
         ge=0.0,
         le=1.0,
         description="A prompt this close to a stored item is first asked of "
