@@ -11,7 +11,8 @@ It prints the saga's rate (start to result: close, reserve, pay, reconcile, fini
 phase's rate (first payout signed to last confirmed, from the ledger's timestamps), and the raw
 chain rate for the same transfers — the same three instructions (create the recipient's token
 account, TransferChecked, memo) built, signed and sent straight to an in-memory LiteSVM in a
-loop, no Temporal, no database, no journal — with the ratio of the two. Goal: >= 200 payouts/s.
+loop, no Temporal, no database, no journal, best of a run before and one after the saga — with
+the ratio of the two. Goal: >= 200 payouts/s.
 """
 
 from __future__ import annotations
@@ -196,6 +197,7 @@ async def main() -> None:
             dev_server_extra_args=dynamic_config_args(),
         )
         try:
+            before = await raw_chain_rate(args.nodes)
             saga = await saga_rate(
                 env,
                 data,
@@ -203,9 +205,12 @@ async def main() -> None:
                 batch_size=args.batch_size,
                 concurrency=args.concurrency,
             )
+            after = await raw_chain_rate(args.nodes)
         finally:
             await env.shutdown()
-        raw_full, raw_send = await raw_chain_rate(args.nodes)
+        # The machine may be busy with other work: the raw chain's best of two runs, taken
+        # before and after the saga with the same dev server up, is the baseline.
+        raw_full, raw_send = min(before[0], after[0]), min(before[1], after[1])
     finally:
         shutil.rmtree(data, ignore_errors=True)
     n = args.nodes
