@@ -73,6 +73,7 @@ from spl.token.models import InitializeMint2Params, MintToCheckedParams, Transfe
 from xpando.keys import load_keypair, load_or_create_keypair, parse_keypair, treasury_key_path
 from xpando.settings import Settings
 
+SYSTEM_PROGRAM = Pubkey.from_string("11111111111111111111111111111111")
 BLOCKHASH_TTL_S = 60.0  # the embedded chain's blockhash lifetime (mainnet: ~60-90 s)
 MINT_SIZE = 82
 TOKEN_ACCOUNT_SIZE = 165
@@ -472,10 +473,14 @@ class SvmLedger:
             self._by_account.setdefault(key, []).append(landed.signature)
 
     def _snapshot(self, keys: Sequence[Pubkey]) -> dict[str, list[Any]]:
+        """The state of these accounts now; an account that no longer exists is recorded as
+        empty (zero lamports, no data), so a replay does not bring it back."""
         out: dict[str, list[Any]] = {}
         for key in keys:
             account = self._svm.get_account(key)
-            if account is not None and not account.executable:
+            if account is None or account.lamports == 0:
+                out[str(key)] = [0, str(SYSTEM_PROGRAM), "", False, 0]
+            elif not account.executable:
                 out[str(key)] = _encode_account(account)
         return out
 
