@@ -106,6 +106,7 @@ BREAKER_EFFECT: dict[str, BreakerEffect] = {
     REFUSAL: "healthy",
     CONTEXT_LENGTH: "healthy",
     "Superseded": "ignore",
+    "QuorumReached": "ignore",  # a straggler the task stopped waiting for
     "Cancelled": "ignore",
 }
 
