@@ -196,7 +196,8 @@ async def test_each_fault_outcome_calls_standby_and_breaker(
             primary.node_id,
             fault,
             times=1 if case == "rate_limit_once" else None,
-            retry_after_ms=50,
+            # the retry policy would retry after 50 ms; the provider asks for 1.2 s once
+            retry_after_ms=1200 if case == "rate_limit_once" else 50,
             hang_s=5,
         )
         result = await _run(client, settings)
@@ -207,6 +208,8 @@ async def test_each_fault_outcome_calls_standby_and_breaker(
     if error_type is None:  # retried on the same node after the retry-after, and answered
         assert first.status == ContributionStatus.OK and first.attempts == 2
         assert result.answer == DEFAULT_ANSWER and alt.node_id not in by_node
+        limited, answered = fake.calls(node=primary.node_id)
+        assert answered.started - (limited.ended or 0) >= 1.2  # the provider's delay was kept
     else:  # failed, stored no answer, and the first standby (another provider) answered
         assert first.status == ContributionStatus.FAILED and first.error_type == error_type
         assert first.answer == "" and first.quality == 0.0
