@@ -242,11 +242,21 @@ async def test_no_live_node_fails_with_a_typed_error(
 ) -> None:
     # Registered, but no worker polls its queue: it must not be routed to.
     await _register_fake_nodes(sessions, [_ids("ghost")], ["bread"])
+    task_id = _ids("task")
     async with build_core_worker(client, sessions=sessions, settings=settings):
         with pytest.raises(WorkflowFailureError) as info:
-            await _run(client, settings, "why does bread need yeast", k=1)
+            await client.execute_workflow(
+                TaskWorkflow.run,
+                TaskInput(task_id=task_id, prompt="why does bread need yeast", k=1),
+                id=task_id,
+                task_queue=settings.core_task_queue,
+            )
     cause = info.value.cause
     assert isinstance(cause, ApplicationError) and cause.type == "NoExpertsAvailable"
+    async with sessions() as s:  # the failure is recorded, with what was wrong
+        found = await queries.get_task(session=s, task_id=task_id)
+    assert found is not None and found[0].status == "failed"
+    assert "no live expert" in (found[0].error or "")
 
 
 async def test_progress_query_shows_the_stage_while_experts_work(

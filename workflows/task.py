@@ -79,6 +79,7 @@ OUTCOME_RETRY = RetryPolicy(initial_interval=timedelta(milliseconds=200), maximu
 PATCH_EXPERT_FAILOVER = "expert-failover"
 PATCH_KNOWLEDGE_REUSE = "knowledge-reuse"
 PATCH_KNOWLEDGE_CONFIRM = "knowledge-confirm"
+PATCH_RECORD_ROUTE_FAILURE = "record-route-failure"
 PATCH_KNOWLEDGE_PUBLISH = "knowledge-publish"
 KNOWLEDGE_CONTEXT_ITEMS = 3
 
@@ -142,9 +143,13 @@ class TaskWorkflow:
                 start_to_close_timeout=CORE_STEP_TIMEOUT,
                 retry_policy=CORE_STEP_RETRY,
             )
-        except ActivityError as err:
-            await self._fail(input, _reason(err), [], type="NoExpertsAvailable")
-            raise AssertionError("unreachable") from err
+        except (ActivityError, ApplicationError) as err:
+            # temporalio raises a local activity's ApplicationError as is (not wrapped in an
+            # ActivityError): record the failed task either way (patched: older runs failed
+            # without recording).
+            if isinstance(err, ActivityError) or workflow.patched(PATCH_RECORD_ROUTE_FAILURE):
+                await self._fail(input, _reason(err), [], type="NoExpertsAvailable")
+            raise
         self._domain = route.domain
         self._chosen = [c.node_id for c in route.chosen]
         workflow.upsert_search_attributes(
@@ -497,7 +502,7 @@ class TaskWorkflow:
                 start_to_close_timeout=CORE_STEP_TIMEOUT,
                 retry_policy=CORE_STEP_RETRY,
             )
-        except ActivityError:
+        except (ActivityError, ApplicationError):
             return contributions  # nobody else to ask: aggregate what we have
         self._chosen.extend(c.node_id for c in route.chosen)
         more = await self._fan_out(input, route, plan)
