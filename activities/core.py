@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 from datetime import UTC, datetime
 
+import numpy as np
+from numpy.typing import NDArray
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
 from activities import aggregate, breaker, routing
 from activities.knowledge import KnowledgeIndex, reuse_from
 from activities.providers.base import Provider, ProviderRequest
+from activities.registration import NodeRegistry
 from xpando.contracts import (
     AggregateInput,
     AggregateResult,
@@ -27,9 +31,18 @@ from xpando.contracts import (
     RegisterNodeResult,
     RouteCandidate,
     RouteInput,
+    RouteOutcome,
     RouteResult,
+    RouteTerms,
+    RoutingReport,
+    TaskStage,
+    node_task_queue,
 )
 from xpando.db import SessionFactory, queries
+from xpando.db import nodes as node_queries
+from xpando.db.models import Breaker
+from xpando.db.nodes import ReputationParams
+from xpando.identity import RegistrationRejected
 from xpando.logs import get_logger
 from xpando.temporal import NodeLiveness
 
@@ -50,12 +63,24 @@ class CoreActivities:
         knowledge: KnowledgeIndex,
         aggregator: Provider | None = None,
         breakers: breaker.BreakerPolicy | None = None,
+        routing_index: routing.RoutingIndex | None = None,
+        registry: NodeRegistry | None = None,
+        reputation: ReputationParams | None = None,
     ) -> None:
         self._sessions = sessions
         self._breakers = breakers or breaker.BreakerPolicy()
         self._liveness = liveness
         self._knowledge = knowledge
         self._aggregator = aggregator
+        if routing_index is None:  # (an index is falsy while empty: compare with None)
+            routing_index = routing.RoutingIndex(sessions, knowledge.embedder)
+        self._routing = routing_index
+        if registry is None:
+            registry = NodeRegistry(sessions=sessions, embedder=knowledge.embedder)
+        self._registry = registry
+        self._reputation = reputation or ReputationParams(
+            prior=self._routing.config.reputation_prior
+        )
 
     @activity.defn(name="plan")
     async def plan(self, input: PlanInput) -> PlanResult:
@@ -103,78 +128,127 @@ class CoreActivities:
 
     @activity.defn(name="route")
     async def route(self, input: RouteInput) -> RouteResult:
-        """Choose ``k`` live experts for the prompt, plus standbys; skip nodes behind an open
-        circuit breaker (a half-open one may be chosen as its breaker's one probe)."""
+        """Choose ``k`` live experts for the prompt, plus standbys (score, selection and
+        exploration: ``activities/routing.py``). Nodes behind an open circuit breaker and nodes
+        whose worker is not polling are skipped (a half-open breaker's node may be chosen as its
+        one probe); every chosen, standby and top skipped candidate is explained."""
+        index = self._routing
+        cfg = index.config
+        vector = await index.embed_prompt(input.prompt)
+        await index.refresh()
         async with self._sessions() as session:
-            nodes = await queries.list_nodes(session=session, regions=input.regions)
-            tripped = await queries.open_breakers(session=session)
+            troubled = await node_queries.troubled_breakers(session=session)
         now = datetime.now(UTC)
-        excluded = set(input.exclude)
-        cards = [
-            routing.NodeCard(
-                node_id=n.node_id,
-                region=n.region,
-                provider=n.provider,
-                model=n.model,
-                task_queue=n.task_queue,
-                domains=tuple(str(d.get("name", "")) for d in n.domains),
-                terms=routing.node_terms(n.domains),
-            )
-            for n in nodes
-            if n.node_id not in excluded
-        ]
-        scored = routing.score_nodes(input.prompt, cards, domain=input.domain)
-        gates = {
-            s.node.node_id: breaker.gate(
-                node_id=s.node.node_id,
-                provider=s.node.provider,
-                region=s.node.region,
-                open_rows=tripped,
-                now=now,
-            )
-            for s in scored
-        }
-        ranked = [s for s in scored if gates[s.node.node_id].allowed]
-        blocked = [s.node.node_id for s in scored if not gates[s.node.node_id].allowed]
         want = input.k + input.standbys
-        live: list[routing.Scored] = []
-        # Check liveness in score order, a batch at a time, until enough live nodes are found.
-        batch = max(want, 8)
-        for start in range(0, len(ranked), batch):
-            window = ranked[start : start + batch]
-            flags = await asyncio.gather(
-                *(self._liveness.is_live(s.node.task_queue) for s in window)
+        window = max(2 * want, 16)
+        offset, considered = 0, 0
+        usable: list[routing.Scored] = []
+        skipped: list[routing.Scored] = []
+        gates: dict[str, breaker.Gate] = {}
+        while True:
+            batch, considered = index.rank(
+                vector,
+                regions=input.regions,
+                exclude=input.exclude,
+                domain=input.domain,
+                limit=window,
+                offset=offset,
             )
-            live.extend(s for s, ok in zip(window, flags, strict=True) if ok)
-            if len(live) >= want:
+            offset += len(batch)
+            ok, bad = await self._check(batch, troubled, gates, now)
+            usable.extend(ok)
+            skipped.extend(bad)
+            usable.sort(key=lambda s: (-s.score, s.node.node_id))
+            # Health only lowers a score: once the want-th usable score beats the last ranked
+            # one, nothing further down can overtake it.
+            if not batch or offset >= considered:
                 break
-        if not live:
+            if len(usable) >= want and usable[want - 1].score >= batch[-1].score:
+                break
+            window *= 2
+        if not usable:
+            blocked = [s.node.node_id for s in skipped if s.reason.startswith("circuit")]
             raise ApplicationError(
-                f"no live expert node among {len(cards)} registered"
+                f"no live expert node among {considered} that could serve the task"
                 + (f" in regions {input.regions}" if input.regions else "")
-                + (f" (excluding {len(excluded)} already tried)" if excluded else "")
+                + (f" (excluding {len(input.exclude)} already tried)" if input.exclude else "")
                 + (f"; circuit breakers are open for {', '.join(blocked[:10])}" if blocked else ""),
                 type="NoExpertsAvailable",
                 non_retryable=True,
             )
-        chosen, standbys = await self._select(input, live, gates, now)
+        chosen, standbys = await self._select(input, usable, gates, now)
+        chosen, standbys = await self._explore(
+            input, vector, chosen, standbys, troubled, gates, now
+        )
         domain = input.domain
-        if domain is None and chosen and chosen[0].fit > 0 and chosen[0].node.domains:
-            domain = chosen[0].node.domains[0]
+        if domain is None and chosen and chosen[0].fit > 0:
+            domain = chosen[0].domain or (chosen[0].node.domains or (None,))[0]
+        report = _report(cfg, considered, chosen, standbys, usable, skipped)
         log.info(
             "routed",
             task_id=input.task_id,
             chosen=[c.node.node_id for c in chosen],
             standbys=[c.node.node_id for c in standbys],
-            considered=len(cards),
-            breaker_blocked=blocked[:20],
+            considered=considered,
+            breaker_blocked=[s.node.node_id for s in skipped if s.reason.startswith("circuit")][
+                :20
+            ],
         )
         return RouteResult(
             chosen=[_candidate(s, probe=bool(gates[s.node.node_id].probes)) for s in chosen],
             standbys=[_candidate(s) for s in standbys],
-            considered=len(cards),
+            considered=considered,
             domain=domain,
+            report=report,
         )
+
+    async def _check(
+        self,
+        batch: list[routing.Scored],
+        troubled: dict[str, Breaker],
+        gates: dict[str, breaker.Gate],
+        now: datetime,
+    ) -> tuple[list[routing.Scored], list[routing.Scored]]:
+        """Split ranked candidates into usable ones (with their health) and skipped ones (with
+        the reason): breakers first (no I/O), then liveness of the rest, concurrently."""
+        allowed: list[routing.Scored] = []
+        skipped: list[routing.Scored] = []
+        for s in batch:
+            gate = breaker.gate(
+                node_id=s.node.node_id,
+                provider=s.node.provider,
+                region=s.node.region,
+                open_rows=troubled,
+                now=now,
+            )
+            gates[s.node.node_id] = gate
+            if gate.allowed:
+                allowed.append(s)
+            else:
+                skipped.append(replace(s.with_health(0.0), reason="circuit breaker open"))
+        flags = await asyncio.gather(*(self._liveness.is_live(s.node.task_queue) for s in allowed))
+        usable: list[routing.Scored] = []
+        for s, live in zip(allowed, flags, strict=True):
+            if not live:
+                reason = f"not live: no worker polls {s.node.task_queue}"
+                skipped.append(replace(s.with_health(0.0), reason=reason))
+                continue
+            # Recent failures (closed breakers still counting, within one cool-down) halve the
+            # health each; a half-open node is not penalised: its one probe must be able to win.
+            recent = now - self._breakers.cooldown
+            failures = sum(
+                row.consecutive_failures
+                for key in (
+                    breaker.node_key(s.node.node_id),
+                    breaker.provider_key(s.node.provider, s.node.region),
+                )
+                if (row := troubled.get(key)) is not None
+                and row.state != "open"
+                and (queries.as_utc(row.updated_at) or now) >= recent
+            )
+            health = 0.5**failures * (1.0 - self._liveness.load(s.node.task_queue) / 2)
+            usable.append(s.with_health(round(health, 6)))
+        return usable, skipped
 
     async def _select(
         self,
@@ -188,8 +262,9 @@ class CoreActivities:
         pool = list(live)
         lease = self._breakers.probe_lease.total_seconds()
         claimed: dict[str, list[str]] = {}
+        diversity = self._routing.config.diversity
         while True:
-            chosen, _ = routing.select(pool, k=input.k, standbys=0)
+            chosen, _ = routing.select(pool, k=input.k, standbys=0, diversity=diversity)
             lost: list[str] = []
             async with self._sessions() as session:
                 for s in chosen:
@@ -217,6 +292,49 @@ class CoreActivities:
             s for s in pool if s.node.node_id not in final and not gates[s.node.node_id].probes
         ]
         return chosen, routing.pick_standbys(healthy, chosen, input.standbys)
+
+    async def _explore(
+        self,
+        input: RouteInput,
+        vector: NDArray[np.float32],
+        chosen: list[routing.Scored],
+        standbys: list[routing.Scored],
+        troubled: dict[str, Breaker],
+        gates: dict[str, breaker.Gate],
+        now: datetime,
+    ) -> tuple[list[routing.Scored], list[routing.Scored]]:
+        """In a bounded share of tasks (k ≥ 2), give the weakest chosen slot to the best-fitting
+        new node, so new nodes can earn a reputation next to established experts."""
+        cfg = self._routing.config
+        if input.k < 2 or len(chosen) < 2 or not routing.explores(input.task_id, cfg.exploration):
+            return chosen, standbys
+        weakest = min(range(len(chosen)), key=lambda i: chosen[i].score)
+        if (
+            chosen[weakest].contributions < cfg.new_below
+            or gates[chosen[weakest].node.node_id].probes
+        ):
+            return chosen, standbys  # already a new node (or a probe) in that slot
+        best_fit = max(c.fit for c in chosen)
+        taken = [*input.exclude, *(c.node.node_id for c in chosen)]
+        fresh, _ = self._routing.rank(
+            vector,
+            regions=input.regions,
+            exclude=taken,
+            domain=input.domain,
+            limit=8,
+            new_only=True,
+        )
+        fitting = [s for s in fresh if s.fit >= cfg.exploration_min_fit * best_fit]
+        ok, _ = await self._check(fitting, troubled, gates, now)
+        ok = [s for s in ok if not gates[s.node.node_id].probes]
+        if not ok:
+            return chosen, standbys
+        explorer = replace(ok[0], explore=True, reason="exploration")
+        out = list(chosen)
+        replaced = out[weakest]
+        out[weakest] = explorer
+        rest = [s for s in standbys if s.node.node_id != explorer.node.node_id]
+        return out, [replaced, *rest][: max(len(standbys), 1)]
 
     @activity.defn(name="report_outcome")
     async def report_outcome(self, input: ExpertOutcomeInput) -> ExpertOutcomeResult:
@@ -291,19 +409,43 @@ class CoreActivities:
         """Persist the task, its contributions and its knowledge item (idempotent upserts)."""
         async with self._sessions() as session:
             result = await queries.record_task(session=session, record=input, now=datetime.now(UTC))
+        if input.status == TaskStage.COMPLETED and input.contributions:
+            async with self._sessions() as session:
+                moved = await node_queries.apply_reputation(
+                    session=session, record=input, params=self._reputation, now=datetime.now(UTC)
+                )
+            if moved:
+                log.info("reputation updated", task_id=input.task_id, nodes=moved)
         log.info("recorded", task_id=input.task_id, status=input.status.value)
         return result
 
     @activity.defn(name="register_node")
     async def register_node(self, input: RegisterNodeInput) -> RegisterNodeResult:
-        async with self._sessions() as session:
-            created, registered_at = await queries.upsert_node(
-                session=session, profile=input.profile, now=datetime.now(UTC)
+        """Apply a node's signed registration or deregistration (the same verification as
+        ``POST /v1/nodes``); a refused one fails with the rejection's type, not retried."""
+        if input.signed is None:
+            raise ApplicationError(
+                "unsigned node registration: a node registers with a request signed by its "
+                "identity key (xpando/identity.py)",
+                type="UnsignedRegistration",
+                non_retryable=True,
             )
-        self._liveness.forget(input.profile.task_queue)
-        log.info("node registered", node_id=input.profile.node_id, created=created)
+        try:
+            info = activity.info()
+            done = await self._registry.apply_idempotent(
+                input.signed,
+                received_at=input.received_at,
+                origin=f"{info.workflow_id}/{info.workflow_run_id}",
+            )
+        except RegistrationRejected as err:
+            raise ApplicationError(err.message, type=err.type, non_retryable=True) from err
+        self._liveness.forget(node_task_queue(done.node_id))
         return RegisterNodeResult(
-            node_id=input.profile.node_id, created=created, registered_at=registered_at
+            node_id=done.node_id,
+            created=done.created,
+            registered_at=done.registered_at,
+            action=done.action,
+            public_key=done.public_key,
         )
 
 
@@ -314,8 +456,56 @@ def _candidate(s: routing.Scored, *, probe: bool = False) -> RouteCandidate:
         provider=s.node.provider,
         model=s.node.model,
         task_queue=s.node.task_queue,
-        score=s.score,
+        score=round(s.score, 9),
         fit=s.fit,
         domains=list(s.node.domains),
         probe=probe,
+        reputation=s.reputation,
+        health=s.health,
+        explore=s.explore,
+    )
+
+
+def _terms(s: routing.Scored, outcome: RouteOutcome, reason: str = "") -> RouteTerms:
+    return RouteTerms(
+        node_id=s.node.node_id,
+        region=s.node.region,
+        provider=s.node.provider,
+        domain=s.domain,
+        fit=s.fit,
+        reputation=s.reputation,
+        contributions=s.contributions,
+        health=s.health,
+        price=s.price,
+        diversity=round(s.diversity, 6),
+        score=round(s.score * s.diversity, 9),
+        outcome=outcome,
+        reason=reason or s.reason,
+    )
+
+
+def _report(
+    cfg: routing.RoutingConfig,
+    considered: int,
+    chosen: list[routing.Scored],
+    standbys: list[routing.Scored],
+    usable: list[routing.Scored],
+    skipped: list[routing.Scored],
+) -> RoutingReport:
+    """Chosen and standby experts, then the best skipped candidates (up to ``cfg.explain``)."""
+    picked = {s.node.node_id for s in [*chosen, *standbys]}
+    passed = [
+        replace(s, reason="lower score after diversity")
+        for s in usable
+        if s.node.node_id not in picked
+    ]
+    others = sorted([*passed, *skipped], key=lambda s: (-s.base, s.node.node_id))
+    return RoutingReport(
+        formula=cfg.formula,
+        considered=considered,
+        candidates=[
+            *(_terms(s, RouteOutcome.CHOSEN) for s in chosen),
+            *(_terms(s, RouteOutcome.STANDBY) for s in standbys),
+            *(_terms(s, RouteOutcome.SKIPPED) for s in others[: cfg.explain]),
+        ],
     )

@@ -9,6 +9,7 @@ from fastapi import Depends, Request
 from sqlmodel.ext.asyncio.session import AsyncSession
 from temporalio.client import Client
 
+from activities.registration import NodeRegistry
 from xpando.db import SessionFactory
 from xpando.settings import Settings
 from xpando.temporal import NodeLiveness
@@ -26,6 +27,10 @@ def get_liveness(request: Request) -> NodeLiveness:
     return cast(NodeLiveness, request.app.state.liveness)
 
 
+def get_registry(request: Request) -> NodeRegistry:
+    return cast(NodeRegistry, request.app.state.registry)
+
+
 async def get_session(request: Request) -> AsyncIterator[AsyncSession]:
     sessions = cast(SessionFactory, request.app.state.sessions)
     async with sessions() as session:
@@ -36,3 +41,4 @@ SettingsDep = Annotated[Settings, Depends(get_settings)]
 TemporalClientDep = Annotated[Client, Depends(get_temporal)]
 SessionDep = Annotated[AsyncSession, Depends(get_session)]
 LivenessDep = Annotated[NodeLiveness, Depends(get_liveness)]
+RegistryDep = Annotated[NodeRegistry, Depends(get_registry)]

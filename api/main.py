@@ -9,11 +9,10 @@ from fastapi import FastAPI
 
 from api import errors
 from api.routes import health, knowledge, nodes, payouts, tasks
-from workers.core import build_knowledge_index
+from workers.core import build_knowledge_index, build_liveness, build_registry
 from xpando import __version__, temporal
 from xpando.db import create_engine, init_db, session_factory
 from xpando.settings import Settings, get_settings
-from xpando.temporal import NodeLiveness
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -28,8 +27,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.temporal = client
         app.state.engine = engine
         app.state.sessions = session_factory(engine)
-        app.state.liveness = NodeLiveness(client, max_age_s=settings.node_liveness_s)
+        app.state.liveness = build_liveness(client, settings)
         app.state.knowledge = build_knowledge_index(app.state.sessions, settings)
+        app.state.registry = build_registry(app.state.sessions, settings)
         try:
             yield
         finally:

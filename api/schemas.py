@@ -14,6 +14,7 @@ from xpando.contracts import (
     KnowledgeReuse,
     NodeDomain,
     Provenance,
+    RoutingReport,
 )
 
 PROMPT_MAX_CHARS = 8000
@@ -42,6 +43,19 @@ class TaskCreate(BaseModel):
         None, description="synthesize, consensus or best (default: XPANDO_AGGREGATION_STRATEGY)"
     )
     fresh: bool = Field(False, description="Ask the experts even if stored knowledge matches")
+    quorum: int | None = Field(
+        None,
+        ge=K_MIN,
+        le=K_MAX,
+        description="Go on once this many experts answered; the rest are cancelled "
+        "(default XPANDO_TASK_QUORUM; at most k)",
+    )
+    deadline_s: float | None = Field(
+        None,
+        gt=0,
+        le=600,
+        description="After this, go on with the answers there are (default XPANDO_TASK_DEADLINE_S)",
+    )
 
 
 class Links(BaseModel):
@@ -70,6 +84,9 @@ class TaskView(BaseModel):
     reused: KnowledgeReuse | None = Field(
         None, description="Set when the answer came from stored knowledge (no provider cost)"
     )
+    routing: RoutingReport | None = Field(
+        None, description="Why these experts: each chosen, standby and top skipped candidate"
+    )
     error: str | None = None
     completed_at: datetime | None = None
     links: Links
@@ -96,6 +113,25 @@ class NodeView(BaseModel):
     provider_breaker: BreakerView | None = Field(
         None, description="The breaker of this node's provider in its region"
     )
+    status: str = Field("active", description="active, or deregistered (not routed to)")
+    public_key: str | None = Field(
+        None, description="The node's identity (base58 ed25519), bound at its first signed request"
+    )
+    wallet: str | None = Field(None, description="Where its XPD payouts go (its public key)")
+    reputation: float = Field(
+        description="Moving average of its contributions' quality (the prior until it has some)"
+    )
+    contributions: int = Field(0, description="Scored contributions behind the reputation")
+    price_input_per_mtok: float = 0.0
+    price_output_per_mtok: float = 0.0
+
+
+class NodeRegistered(BaseModel):
+    node_id: str
+    status: str = Field(description="active (registered or updated) or deregistered")
+    created: bool
+    public_key: str
+    registered_at: datetime
 
 
 class NodeList(BaseModel):

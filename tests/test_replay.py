@@ -35,6 +35,8 @@ def test_every_workflow_has_a_recorded_history() -> None:
         "task_workflow_reused",
         "task_workflow_failover",  # a hedged expert, its standby, breaker reports
         "node_registration_workflow",
+        "node_registration_signed",
+        "task_workflow_quorum",
         "knowledge_workflow",
         "payout_saga_workflow",  # an approval update, paid batches, reconciliation
         "payout_saga_compensation",  # transfers refused mid-epoch, carried over

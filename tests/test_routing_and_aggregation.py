@@ -1,55 +1,9 @@
-"""The first routing policy and consensus aggregation, on fixed inputs."""
+"""Consensus aggregation on fixed inputs (routing: tests/test_routing.py)."""
 
 from __future__ import annotations
 
-from activities import aggregate, routing
+from activities import aggregate
 from xpando.contracts import Contribution, ContributionStatus
-
-
-def _card(
-    node_id: str, keywords: str, *, provider: str = "offline", region: str = "eu"
-) -> routing.NodeCard:
-    domains = [{"name": node_id.split("-")[0], "description": "", "keywords": keywords.split()}]
-    return routing.NodeCard(
-        node_id=node_id,
-        region=region,
-        provider=provider,
-        model="m",
-        task_queue=f"node.{node_id}",
-        domains=(node_id.split("-")[0],),
-        terms=routing.node_terms(domains),
-    )
-
-
-NODES = [
-    _card("cooking-1", "bread pasta egg boil oven"),
-    _card("astronomy-1", "planet star moon telescope orbit"),
-    _card("gardening-1", "tomato soil compost prune water"),
-]
-
-
-def test_domain_expert_ranks_first() -> None:
-    ranked = routing.score_nodes("how long to boil an egg", NODES)
-    assert ranked[0].node.node_id == "cooking-1" and ranked[0].fit > 0
-    assert all(s.fit == 0 for s in ranked[1:])
-    ranked = routing.score_nodes("which planet has the most moons", NODES)
-    assert ranked[0].node.node_id == "astronomy-1"
-
-
-def test_named_domain_wins_over_word_overlap() -> None:
-    ranked = routing.score_nodes("water the tomato", NODES, domain="cooking")
-    assert ranked[0].node.node_id == "cooking-1"
-
-
-def test_selection_prefers_diverse_provider_region_pairs() -> None:
-    nodes = [
-        _card("a-1", "bread", provider="p1", region="eu"),
-        _card("a-2", "bread", provider="p1", region="eu"),
-        _card("a-3", "bread", provider="p2", region="us"),
-    ]
-    chosen, standbys = routing.select(routing.score_nodes("bread", nodes), k=2, standbys=1)
-    assert {c.node.provider for c in chosen} == {"p1", "p2"}
-    assert len(standbys) == 1 and standbys[0].node.node_id not in {c.node.node_id for c in chosen}
 
 
 def _c(

@@ -18,7 +18,7 @@ from temporalio.worker import Worker
 
 from tests.conftest import wait_for, wait_live
 from workers.core import build_core_worker
-from workers.node import NodeSpec, build_node, build_node_worker, register, registration_id
+from workers.node import NodeSpec, build_node, build_node_worker, register
 from workflows.task import TaskWorkflow
 from xpando.contracts import (
     AnswerInput,
@@ -100,9 +100,6 @@ async def test_task_is_answered_by_the_domain_expert_and_recorded(
         if os.environ.get("XPANDO_RECORD_HISTORIES"):
             history = await handle.fetch_history()
             (HISTORY_DIR / "task_workflow_v2.json").write_text(history.to_json())
-            registration = client.get_workflow_handle(registration_id(profiles[0]))
-            history = await registration.fetch_history()
-            (HISTORY_DIR / "node_registration_workflow.json").write_text(history.to_json())
 
     cooking = profiles[0].node_id
     by_node = {c.node_id: c for c in result.contributions}

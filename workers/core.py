@@ -13,11 +13,9 @@ from activities.knowledge import KnowledgeActivities, KnowledgeConfig, Knowledge
 from activities.payouts import PayoutActivities
 from activities.providers.base import Provider, ProviderConfig
 from activities.providers.registry import DEFAULT_MODELS, make_provider
-from workers.payouts import (
-    build_payout_activities,
-    ensure_payout_schedule,
-    payout_activity_methods,
-)
+from activities.registration import NodeRegistry
+from activities.routing import RoutingConfig, RoutingIndex, cached_embedder
+from workers.payouts import build_payout_activities, ensure_payout_schedule, payout_activity_methods
 from workers.runtime import stop_on_signals
 from workflows.knowledge import KnowledgeWorkflow
 from workflows.node_registration import NodeRegistrationWorkflow
@@ -25,6 +23,7 @@ from workflows.payout import PayoutSagaWorkflow
 from workflows.task import TaskWorkflow
 from xpando import temporal
 from xpando.db import SessionFactory, create_engine, init_db, session_factory
+from xpando.db.nodes import ReputationParams
 from xpando.embedding import embedder_from_settings
 from xpando.logs import get_logger
 from xpando.settings import Settings
@@ -76,7 +75,31 @@ def build_aggregator(settings: Settings) -> Provider | None:
 
 def build_knowledge_index(sessions: SessionFactory, settings: Settings) -> KnowledgeIndex:
     return KnowledgeIndex(
-        sessions, embedder_from_settings(settings), config=knowledge_config(settings)
+        sessions,
+        cached_embedder(embedder_from_settings(settings)),
+        config=knowledge_config(settings),
+    )
+
+
+def build_liveness(client: Client, settings: Settings) -> NodeLiveness:
+    return NodeLiveness(
+        client, max_age_s=settings.node_liveness_s, sweep_s=settings.node_liveness_sweep_s
+    )
+
+
+def build_routing_index(sessions: SessionFactory, settings: Settings) -> RoutingIndex:
+    return RoutingIndex(
+        sessions,
+        cached_embedder(embedder_from_settings(settings)),
+        config=RoutingConfig.from_settings(settings),
+    )
+
+
+def build_registry(sessions: SessionFactory, settings: Settings) -> NodeRegistry:
+    return NodeRegistry(
+        sessions=sessions,
+        embedder=cached_embedder(embedder_from_settings(settings)),
+        max_skew_s=settings.node_signature_max_skew_s,
     )
 
 
@@ -93,10 +116,15 @@ def build_core_worker(
     index = build_knowledge_index(sessions, settings)
     core = CoreActivities(
         sessions=sessions,
-        liveness=NodeLiveness(client, max_age_s=settings.node_liveness_s),
+        liveness=build_liveness(client, settings),
         knowledge=index,
         breakers=BreakerPolicy.from_settings(settings),
         aggregator=build_aggregator(settings),
+        routing_index=build_routing_index(sessions, settings),
+        registry=build_registry(sessions, settings),
+        reputation=ReputationParams(
+            prior=settings.reputation_prior, alpha=settings.reputation_alpha
+        ),
     )
     knowledge = KnowledgeActivities(sessions=sessions, index=index, client=client, task_queue=queue)
     return Worker(

@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import os
+import socket
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
 from pydantic import SecretStr
-from temporalio.client import Client
+from solders.keypair import Keypair
+from temporalio.client import Client, WorkflowFailureError
 from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
+from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.worker import Worker
 
 from activities.node import NodeActivities
@@ -25,9 +29,17 @@ from activities.providers.registry import (
 from workers.runtime import stop_on_signals
 from workflows.node_registration import NodeRegistrationWorkflow
 from xpando import temporal
-from xpando.contracts import NodeDomain, NodeProfile, RegisterNodeInput, RegisterNodeResult
+from xpando.contracts import (
+    NodeAction,
+    NodeDomain,
+    NodeProfile,
+    RegisterNodeInput,
+    RegisterNodeResult,
+    SignedNodeRequest,
+)
 from xpando.corpus import DEV_DOMAINS, ensure_domain_corpus
-from xpando.keys import load_or_create_keypair, node_key_path
+from xpando.identity import sign_request
+from xpando.keys import KeyFileError, load_or_create_keypair, node_key_path, parse_keypair
 from xpando.logs import get_logger
 from xpando.retrieval import RetrievalIndex, load_passages
 from xpando.settings import Settings
@@ -58,6 +70,8 @@ class NodeSpec:
     max_output_tokens: int = 1024
     price_input_per_mtok: float = 0.0
     price_output_per_mtok: float = 0.0
+    capacity: int = 4  # tasks answered at once (the worker's activity slots)
+    domain_description: str | None = None  # default: the built-in domain's description
 
 
 def build_offline_node(spec: NodeSpec, *, data_dir: Path) -> tuple[NodeProfile, Provider]:
@@ -76,7 +90,6 @@ def build_offline_node(spec: NodeSpec, *, data_dir: Path) -> tuple[NodeProfile, 
     passages = load_passages(corpus_path)
     domain_name = spec.domain or corpus_path.stem
     index = RetrievalIndex(passages)
-    description = DEV_DOMAINS[domain_name].description if domain_name in DEV_DOMAINS else ""
     profile = NodeProfile(
         node_id=spec.node_id,
         region=spec.region,
@@ -85,10 +98,11 @@ def build_offline_node(spec: NodeSpec, *, data_dir: Path) -> tuple[NodeProfile, 
         domains=[
             NodeDomain(
                 name=domain_name,
-                description=description,
+                description=_description(spec, domain_name),
                 keywords=index.top_terms(DOMAIN_KEYWORDS),
             )
         ],
+        capacity=spec.capacity,
     )
     provider = OfflineRetrievalProvider(passages, domain=domain_name)
     return profile, provider
@@ -121,15 +135,23 @@ def build_model_node(spec: NodeSpec) -> tuple[NodeProfile, Provider]:
     except ProviderConfigError as err:
         raise NodeConfigError(f"node {spec.node_id!r}: {err}") from err
     domain_name = spec.domain or "general"
-    description = DEV_DOMAINS[domain_name].description if domain_name in DEV_DOMAINS else ""
     profile = NodeProfile(
         node_id=spec.node_id,
         region=spec.region,
         provider=spec.provider,
         model=model,
-        domains=[NodeDomain(name=domain_name, description=description)],
+        domains=[NodeDomain(name=domain_name, description=_description(spec, domain_name))],
+        capacity=spec.capacity,
+        price_input_per_mtok=spec.price_input_per_mtok,
+        price_output_per_mtok=spec.price_output_per_mtok,
     )
     return profile, provider
+
+
+def _description(spec: NodeSpec, domain: str) -> str:
+    if spec.domain_description:
+        return spec.domain_description
+    return DEV_DOMAINS[domain].description if domain in DEV_DOMAINS else ""
 
 
 def build_node(spec: NodeSpec, *, data_dir: Path) -> tuple[NodeProfile, Provider]:
@@ -155,8 +177,23 @@ def build_node_worker(
         activities=[node.answer],
         max_concurrent_activities=profile.capacity,
         graceful_shutdown_timeout=timedelta(seconds=5),
-        identity=f"xpando-node/{profile.node_id}@{profile.region}",
+        # Unique per process: liveness tells a restarted node from the one that stopped.
+        identity=f"xpando-node/{profile.node_id}@{profile.region}/{os.getpid()}@{socket.gethostname()}",
     )
+
+
+def node_keypair(settings: Settings, node_id: str) -> Keypair:
+    """The node's identity: ``XPANDO_NODE_KEY`` when set (e.g. from a Kubernetes Secret), else the
+    keypair at ``<data_dir>/keys/<node_id>.json`` (created, mode 0600, on first start)."""
+    if settings.node_key is not None and settings.node_key.get_secret_value().strip():
+        try:
+            return parse_keypair(settings.node_key.get_secret_value())
+        except KeyFileError as err:
+            raise NodeConfigError(f"XPANDO_NODE_KEY: {err}") from err
+    try:
+        return load_or_create_keypair(node_key_path(settings.data_dir, node_id))
+    except KeyFileError as err:
+        raise NodeConfigError(str(err)) from err
 
 
 def with_wallet(profile: NodeProfile, *, data_dir: Path) -> NodeProfile:
@@ -166,41 +203,95 @@ def with_wallet(profile: NodeProfile, *, data_dir: Path) -> NodeProfile:
     return profile.model_copy(update={"wallet": str(keypair.pubkey())})
 
 
-def registration_id(profile: NodeProfile) -> str:
-    """Same profile → same workflow id, so a repeated registration is one workflow."""
-    digest = hashlib.sha256(profile.model_dump_json().encode()).hexdigest()[:16]
-    return f"node-register-{profile.node_id}-{digest}"
+def registration_id(request: SignedNodeRequest) -> str:
+    """One signed request → one workflow id, so submitting it twice starts one workflow."""
+    digest = hashlib.sha256(request.signature.encode()).hexdigest()[:16]
+    return f"node-{request.action.value}-{request.node_id}-{digest}"
+
+
+async def submit(
+    client: Client, request: SignedNodeRequest, *, core_task_queue: str
+) -> RegisterNodeResult:
+    """Send a signed node request through the core (NodeRegistrationWorkflow) and wait for it.
+
+    Raises ``WorkflowFailureError`` whose cause is an ``ApplicationError`` typed after the
+    rejection (``InvalidSignature``, ``NonceReused``, ``NodeKeyMismatch``, …)."""
+    workflow_id = registration_id(request)
+    try:
+        handle = await client.start_workflow(
+            NodeRegistrationWorkflow.run,
+            RegisterNodeInput(signed=request),
+            id=workflow_id,
+            task_queue=core_task_queue,
+            id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
+            id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE,
+        )
+    except WorkflowAlreadyStartedError:  # submitted before and finished: its outcome stands
+        handle = client.get_workflow_handle_for(NodeRegistrationWorkflow.run, workflow_id)
+    return await handle.result()
 
 
 async def register(
-    client: Client, profile: NodeProfile, *, core_task_queue: str
+    client: Client,
+    profile: NodeProfile,
+    *,
+    core_task_queue: str,
+    keypair: Keypair | None = None,
 ) -> RegisterNodeResult:
-    """Register through the core (an idempotent upsert behind a deterministic workflow id)."""
-    handle = await client.start_workflow(
-        NodeRegistrationWorkflow.run,
-        RegisterNodeInput(profile=profile),
-        id=registration_id(profile),
-        task_queue=core_task_queue,
-        id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
-        id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE,
+    """Register (or update) ``profile``, signed by ``keypair``.
+
+    Without a keypair the node gets a throwaway identity (tests and scripts): its id is then
+    bound to a key nobody keeps, so only a new node id can register again."""
+    if keypair is None:
+        if profile.wallet is not None:
+            raise ValueError("the profile names a wallet: pass the node's keypair to sign with")
+        keypair = Keypair()
+    request = sign_request(
+        keypair, action=NodeAction.REGISTER, node_id=profile.node_id, profile=profile
     )
-    return await handle.result()
+    return await submit(client, request, core_task_queue=core_task_queue)
+
+
+async def deregister(
+    client: Client, node_id: str, *, keypair: Keypair, core_task_queue: str
+) -> RegisterNodeResult:
+    """Take the node out of the network (signed by its key): it is no longer routed to."""
+    request = sign_request(keypair, action=NodeAction.DEREGISTER, node_id=node_id)
+    return await submit(client, request, core_task_queue=core_task_queue)
 
 
 async def run_node_worker(settings: Settings, spec: NodeSpec) -> None:
     profile, provider = await asyncio.to_thread(build_node, spec, data_dir=settings.data_dir)
-    profile = with_wallet(profile, data_dir=settings.data_dir)
-    client = await temporal.connect(settings, attempts=60)
+    keypair = node_keypair(settings, spec.node_id)
+    profile = profile.model_copy(update={"wallet": str(keypair.pubkey())})
+    client = await temporal.connect(
+        settings, attempts=60, runtime=temporal.heartbeat_runtime(settings.node_heartbeat_s)
+    )
     worker = build_node_worker(
         client,
         profile=profile,
         provider=provider,
         simulated_latency_ms=spec.simulated_latency_ms,
     )
+    rejected: list[str] = []
 
     async def _register() -> None:
-        result = await register(client, profile, core_task_queue=settings.core_task_queue)
-        log.info("node registered", node_id=result.node_id, created=result.created)
+        try:
+            result = await register(
+                client, profile, core_task_queue=settings.core_task_queue, keypair=keypair
+            )
+        except WorkflowFailureError as err:
+            # Refused (bad signature, key mismatch, …): a node nobody can route to stops.
+            rejected.append(f"registration refused: {err.cause}")
+            log.error("registration refused", node_id=profile.node_id, error=str(err.cause))
+            await worker.shutdown()
+            return
+        log.info(
+            "node registered",
+            node_id=result.node_id,
+            created=result.created,
+            public_key=result.public_key,
+        )
 
     registration = asyncio.create_task(_register())
     stop_on_signals(worker.shutdown)
@@ -218,3 +309,5 @@ async def run_node_worker(settings: Settings, spec: NodeSpec) -> None:
     finally:
         registration.cancel()
         log.info("node worker stopped", node_id=profile.node_id)
+    if rejected:
+        raise NodeConfigError(f"node {profile.node_id!r}: {rejected[0]}")

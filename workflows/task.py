@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable, Coroutine
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -81,6 +82,7 @@ PATCH_KNOWLEDGE_REUSE = "knowledge-reuse"
 PATCH_KNOWLEDGE_CONFIRM = "knowledge-confirm"
 PATCH_RECORD_ROUTE_FAILURE = "record-route-failure"
 PATCH_KNOWLEDGE_PUBLISH = "knowledge-publish"
+PATCH_QUORUM = "quorum-fan-out"
 KNOWLEDGE_CONTEXT_ITEMS = 3
 
 
@@ -220,6 +222,7 @@ class TaskWorkflow:
             knowledge_used=[k.knowledge_id for k in plan.context],
             completed_at=workflow.now(),
             strategy=aggregated.strategy,
+            routing=route.report,
         )
 
     @workflow.query
@@ -278,7 +281,9 @@ class TaskWorkflow:
                 self._chosen.append(pick.node_id)
                 return pick
 
-        async def slot(first: RouteCandidate) -> None:
+        async def slot(first: RouteCandidate, stop: asyncio.Event | None = None) -> bool:
+            """One chosen expert's place: True once someone in it answered. ``stop`` (quorum
+            fan-out) ends it early: what is still running is cancelled as a straggler."""
             running: dict[asyncio.Task[Contribution], RouteCandidate] = {}
             timers: dict[asyncio.Task[Contribution], asyncio.Task[None]] = {}
             started: dict[asyncio.Task[Contribution], datetime] = {}
@@ -292,9 +297,12 @@ class TaskWorkflow:
 
             launch(first)
             won = False
-            while running and not won:
+            stopping = asyncio.create_task(stop.wait()) if stop is not None else None
+            while running and not won and not (stop is not None and stop.is_set()):
                 waiting: list[asyncio.Task[Any]] = [*running]
                 waiting += [timers[t] for t in running if t not in hedged]
+                if stopping is not None:
+                    waiting.append(stopping)
                 await workflow.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
                 ended: list[Contribution] = []
                 for ask in [t for t in running if t.done()]:
@@ -309,7 +317,7 @@ class TaskWorkflow:
                     else:
                         self._answered += 1
                         won = True
-                if not won:
+                if not won and not (stop is not None and stop.is_set()):
                     busy = [running[t].provider for t in running]
                     for ask in [t for t in running if t not in hedged and timers[t].done()]:
                         hedged.append(ask)  # past its deadline: ask a standby alongside
@@ -323,11 +331,16 @@ class TaskWorkflow:
                             launch(standby)
                 for contribution in ended:
                     await self._report(contribution)
+            if stopping is not None:
+                stopping.cancel()
             for ask, candidate in running.items():  # a faster expert answered: stop the others
                 ask.cancel()
                 timers[ask].cancel()
                 overdue = ask in hedged
                 elapsed = workflow.now() - started[ask]
+                if not won:  # the task reached its quorum or deadline without this slot
+                    results.append(_straggler(candidate, elapsed))
+                    continue
                 loser = Contribution(
                     node_id=candidate.node_id,
                     region=candidate.region,
@@ -347,11 +360,50 @@ class TaskWorkflow:
                 if overdue:
                     self._failed += 1
                     await self._report(loser)
+            return won
 
-        await asyncio.gather(*(slot(c) for c in route.chosen))
+        quorum = _quorum(input, len(route.chosen))
+        if quorum is not None and workflow.patched(PATCH_QUORUM):
+            await self._until_quorum(input, quorum, slot, route.chosen)
+        else:
+            await asyncio.gather(*(slot(c) for c in route.chosen))
         if len(self._chosen) > len(route.chosen):
             workflow.upsert_search_attributes([sa.NODES.value_set(self._chosen)])
         return sorted(results, key=lambda c: c.node_id)
+
+    async def _until_quorum(
+        self,
+        input: TaskInput,
+        quorum: int,
+        slot: Callable[[RouteCandidate, asyncio.Event], Coroutine[Any, Any, bool]],
+        chosen: list[RouteCandidate],
+    ) -> None:
+        """Run the slots until ``quorum`` of them answered, or the deadline passed with at least
+        one answer (with none, until the first); then stop the rest: their asks are cancelled
+        (the activities see the cancellation at their next heartbeat) and recorded as
+        stragglers, which neither the breakers nor reputations count."""
+        stop = asyncio.Event()
+        pending = [asyncio.create_task(slot(c, stop)) for c in chosen]
+        deadline = (
+            asyncio.create_task(workflow.sleep(timedelta(milliseconds=input.deadline_ms)))
+            if input.deadline_ms
+            else None
+        )
+        answered = 0
+        while pending:
+            waiting: list[asyncio.Task[Any]] = list(pending)
+            if deadline is not None and not deadline.done():
+                waiting.append(deadline)
+            await workflow.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+            for done in [t for t in pending if t.done()]:
+                pending.remove(done)
+                answered += int(done.result())
+            if answered >= quorum or (deadline is not None and deadline.done() and answered):
+                break
+        stop.set()
+        await asyncio.gather(*pending)
+        if deadline is not None and not deadline.done():
+            deadline.cancel()
 
     async def _reroute(self, input: TaskInput, *, exclude: list[str]) -> list[RouteCandidate]:
         """More standbys: route again without the nodes already tried (none if none is left)."""
@@ -612,6 +664,28 @@ def _answer_retry(policy: AnswerPolicy | None) -> RetryPolicy:
         ),
         maximum_attempts=policy.maximum_attempts or ANSWER_RETRY.maximum_attempts,
         non_retryable_error_types=ANSWER_RETRY.non_retryable_error_types,
+    )
+
+
+def _quorum(input: TaskInput, chosen: int) -> int | None:
+    """The number of answers that ends the fan-out, or None when it waits for every slot (no
+    quorum below the number of experts and no deadline: the fan-out as before quorums)."""
+    quorum = min(input.quorum or chosen, chosen)
+    if quorum >= chosen and not input.deadline_ms:
+        return None
+    return max(1, quorum)
+
+
+def _straggler(candidate: RouteCandidate, elapsed: timedelta) -> Contribution:
+    return Contribution(
+        node_id=candidate.node_id,
+        region=candidate.region,
+        provider=candidate.provider,
+        model=candidate.model,
+        status=ContributionStatus.FAILED,
+        latency_ms=int(elapsed.total_seconds() * 1000),
+        error_type="QuorumReached",
+        error="QuorumReached: the task had its quorum (or passed its deadline) first; cancelled",
     )
 
 

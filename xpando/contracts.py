@@ -80,6 +80,8 @@ class NodeProfile(Contract):
         pattern=r"^[1-9A-HJ-NP-Za-km-z]{32,44}$",
         description="Base58 Solana address the node's XPD payouts go to (its identity key)",
     )
+    price_input_per_mtok: float = Field(0.0, ge=0, le=10_000, description="USD per 1M tokens in")
+    price_output_per_mtok: float = Field(0.0, ge=0, le=10_000, description="USD per 1M tokens out")
 
     @property
     def task_queue(self) -> str:
@@ -103,6 +105,11 @@ class TaskInput(Contract):
     strategy: AggregationStrategy = AggregationStrategy.CONSENSUS
     fresh: bool = False  # True: do not answer from stored knowledge
     answer_policy: AnswerPolicy | None = None  # None: TaskWorkflow's defaults
+    # Quorum fan-out: go on once this many experts answered (None: all k) or once the deadline
+    # passed with at least one answer (None: no deadline); the experts still working are
+    # cancelled.
+    quorum: int | None = Field(None, ge=1)
+    deadline_ms: int | None = Field(None, ge=1)
 
 
 class AnswerPolicy(Contract):
@@ -187,6 +194,7 @@ class TaskResult(Contract):
     completed_at: datetime
     strategy: AggregationStrategy | None = None
     reused: KnowledgeReuse | None = None
+    routing: RoutingReport | None = None  # why these experts (None: before routing reports)
 
 
 # --- core activities -----------------------------------------------------------------------------
@@ -228,6 +236,40 @@ class RouteCandidate(Contract):
     fit: float
     domains: list[str] = Field(default_factory=list)
     probe: bool = False  # a half-open breaker let this node through as its one probe
+    reputation: float | None = None
+    health: float | None = None
+    explore: bool = False  # given a slot by exploration (a new node earning a reputation)
+
+
+class RouteOutcome(StrEnum):
+    CHOSEN = "chosen"
+    STANDBY = "standby"
+    SKIPPED = "skipped"
+
+
+class RouteTerms(Contract):
+    """One top candidate of a routing decision and every term of its score
+    (``score = fit ** fit_power * max(reputation, floor) * health * diversity / price``)."""
+
+    node_id: str
+    region: str
+    provider: str
+    domain: str | None = None  # the node's domain that fits the prompt best
+    fit: float  # cosine of prompt and domain embeddings, clipped to [0, 1]; 1 for a named domain
+    reputation: float
+    contributions: int = 0  # scored contributions behind the reputation
+    health: float  # 1 healthy; halved per consecutive failure, half-open probe, load
+    price: float  # the divisor: (1 + USD per 1M tokens / price_ref) ** price_weight
+    diversity: float = 1.0  # factor for providers/regions already chosen
+    score: float
+    outcome: RouteOutcome
+    reason: str = ""  # why skipped (or "exploration")
+
+
+class RoutingReport(Contract):
+    formula: str
+    considered: int = 0  # nodes that could serve the task (active, in its regions, not tried)
+    candidates: list[RouteTerms] = Field(default_factory=list)
 
 
 class RouteResult(Contract):
@@ -235,6 +277,7 @@ class RouteResult(Contract):
     standbys: list[RouteCandidate] = Field(default_factory=list)
     considered: int = 0
     domain: str | None = None
+    report: RoutingReport | None = None
 
 
 class AnswerInput(Contract):
@@ -298,14 +341,45 @@ class RecordResult(Contract):
 # --- node registration ---------------------------------------------------------------------------
 
 
+class NodeAction(StrEnum):
+    REGISTER = "register"  # register, or update the profile of, a node
+    DEREGISTER = "deregister"  # leave the network: no longer routed to
+
+
+class SignedNodeRequest(Contract):
+    """A node's registration, profile update or deregistration, signed by its identity key.
+
+    The body of ``POST /v1/nodes`` and ``DELETE /v1/nodes/{id}``, and what ``xpando worker node``
+    sends through NodeRegistrationWorkflow. What is signed: ``xpando/identity.py``."""
+
+    action: NodeAction
+    node_id: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    public_key: str = Field(
+        pattern=r"^[1-9A-HJ-NP-Za-km-z]{32,44}$",
+        description="Base58 ed25519 (Solana) public key: the node's identity and wallet",
+    )
+    nonce: str = Field(
+        min_length=16, max_length=64, pattern=r"^[A-Za-z0-9_-]+$", description="Never reused"
+    )
+    timestamp: int = Field(ge=0, lt=2**40, description="Unix seconds when signed")
+    profile: NodeProfile | None = Field(None, description="register only")
+    signature: str = Field(
+        pattern=r"^[1-9A-HJ-NP-Za-km-z]{64,90}$", description="Base58 ed25519 signature"
+    )
+
+
 class RegisterNodeInput(Contract):
-    profile: NodeProfile
+    profile: NodeProfile | None = None  # histories before signed registration; now refused
+    signed: SignedNodeRequest | None = None
+    received_at: datetime | None = None  # set by the workflow: when Temporal accepted it
 
 
 class RegisterNodeResult(Contract):
     node_id: str
     created: bool
     registered_at: datetime
+    action: NodeAction = NodeAction.REGISTER
+    public_key: str | None = None
 
 
 # --- knowledge (Mother Core) ---------------------------------------------------------------------

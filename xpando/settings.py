@@ -66,6 +66,26 @@ class Settings(BaseSettings):
     node_liveness_s: float = Field(
         90.0, gt=0, description="A node whose queue saw no poll for this long is not routed to."
     )
+    node_liveness_sweep_s: float = Field(
+        5.0,
+        gt=0,
+        description="How often the core and the API list the workers' heartbeats (ListWorkers)",
+    )
+    node_heartbeat_s: float = Field(
+        10.0, ge=1, le=60, description="Worker heartbeat interval of node processes"
+    )
+    node_signature_max_skew_s: float = Field(
+        300.0, gt=0, description="A signed node request older or newer than this is refused"
+    )
+    node_key: SecretStr | None = Field(
+        None,
+        description="The node's identity keypair (Solana JSON array or base58); "
+        "default <data_dir>/keys/<node_id>.json",
+    )
+    node_capacity: int = Field(4, ge=1, le=1024, description="Tasks a node answers at once")
+    node_domain_description: str | None = Field(
+        None, max_length=2000, description="What the node's domain covers (routing embeds it)"
+    )
     node_id: str | None = Field(None, description="`xpando worker node`: this node's id")
     node_region: str = "local"
     node_provider: str = "offline"
@@ -102,6 +122,47 @@ class Settings(BaseSettings):
     gemini_api_key: SecretStr | None = Field(
         None,
         validation_alias=AliasChoices("XPANDO_GEMINI_API_KEY", "GEMINI_API_KEY", "GOOGLE_API_KEY"),
+    )
+
+    # --- routing and reputation (formula: activities/routing.py) ------------------------------
+    routing_fit_power: float = Field(
+        4.0, ge=0.5, le=16, description="gamma: score grows with domain fit ** gamma"
+    )
+    routing_price_ref: float = Field(
+        10.0, gt=0, description="USD per 1M tokens at which price halves a score (weight 1)"
+    )
+    routing_price_weight: float = Field(
+        0.5, ge=0, le=4, description="How much price divides a score (0: ignored)"
+    )
+    routing_reputation_floor: float = Field(
+        0.05, gt=0, le=1, description="Reputation below this counts as this in a score"
+    )
+    routing_diversity: float = Field(
+        0.8, gt=0, le=1, description="Score factor per chosen expert of the same provider/region"
+    )
+    routing_exploration: float = Field(
+        0.1, ge=0, le=0.5, description="Share of tasks (k >= 2) that give one slot to a new node"
+    )
+    routing_exploration_min_fit: float = Field(
+        0.8, ge=0, le=1, description="An exploring node's fit must be this share of the best fit"
+    )
+    routing_explain: int = Field(
+        10, ge=0, le=100, description="Skipped top candidates listed in a task's routing report"
+    )
+    reputation_prior: float = Field(
+        0.5, ge=0, le=1, description="Reputation of a node with no scored contribution yet"
+    )
+    reputation_alpha: float = Field(
+        0.1, gt=0, le=1, description="Weight of each new contribution's quality (moving average)"
+    )
+    reputation_new_below: int = Field(
+        5, ge=0, description="A node with fewer scored contributions is new (may be explored)"
+    )
+    task_quorum: int = Field(
+        0, ge=0, le=9, description="Experts whose answers end the fan-out (0: all k)"
+    )
+    task_deadline_s: float = Field(
+        0.0, ge=0, description="After this, a task goes on with the answers it has (0: no deadline)"
     )
 
     # --- circuit breakers (per node, and per provider within a region) -------------------------

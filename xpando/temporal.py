@@ -3,23 +3,29 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import time
-from datetime import UTC, datetime
+from dataclasses import dataclass
+from datetime import UTC, timedelta
 from typing import Any
 
-from temporalio.api.enums.v1 import IndexedValueType, TaskQueueType
+from temporalio.api.enums.v1 import IndexedValueType, TaskQueueType, WorkerStatus
 from temporalio.api.operatorservice.v1 import (
     AddSearchAttributesRequest,
     ListSearchAttributesRequest,
 )
 from temporalio.api.taskqueue.v1 import TaskQueue
-from temporalio.api.workflowservice.v1 import DescribeTaskQueueRequest
+from temporalio.api.workflowservice.v1 import DescribeTaskQueueRequest, ListWorkersRequest
 from temporalio.client import Client
 from temporalio.common import SearchAttributeKey, SearchAttributePair, TypedSearchAttributes
 from temporalio.contrib.pydantic import pydantic_data_converter
+from temporalio.runtime import Runtime, TelemetryConfig
 from temporalio.service import RPCError
 
+from xpando.logs import get_logger
 from xpando.settings import Settings
+
+log = get_logger(__name__)
 
 # Custom search attributes (registered idempotently at start-up).
 DOMAIN = SearchAttributeKey.for_keyword("XpandoDomain")
@@ -37,7 +43,9 @@ _INDEXED_TYPE = {
 }
 
 
-async def connect(settings: Settings, *, attempts: int = 1, delay_s: float = 0.5) -> Client:
+async def connect(
+    settings: Settings, *, attempts: int = 1, delay_s: float = 0.5, runtime: Runtime | None = None
+) -> Client:
     """Connect with the pydantic data converter, trying ``attempts`` times while it starts."""
     last: Exception | None = None
     for attempt in range(max(1, attempts)):
@@ -46,6 +54,7 @@ async def connect(settings: Settings, *, attempts: int = 1, delay_s: float = 0.5
                 settings.temporal_target,
                 namespace=settings.temporal_namespace,
                 data_converter=pydantic_data_converter,
+                runtime=runtime,
                 tls=settings.temporal_tls,
                 api_key=(
                     settings.temporal_api_key.get_secret_value()
@@ -83,39 +92,205 @@ async def ensure_search_attributes(client: Client) -> list[str]:
     return sorted(missing)
 
 
+@dataclass(frozen=True)
+class WorkerBeat:
+    """What the latest worker heartbeats say about one task queue."""
+
+    running: bool  # some worker on it sent a RUNNING heartbeat within max_age
+    stopped: bool  # no running worker, and the latest heartbeat said it was shutting down
+    at: float  # wall-clock seconds of the latest heartbeat
+    used_slots: int = 0  # activity slots in use / free on the running workers
+    free_slots: int = 0
+    stopped_identities: frozenset[str] = frozenset()  # identities of the workers that stopped
+
+    @property
+    def load(self) -> float:
+        total = self.used_slots + self.free_slots
+        return self.used_slots / total if self.running and total > 0 else 0.0
+
+
+# A worker that said it stopped may still show a poll ending a moment later; one with the same
+# identity polling this long after its stop is a restart.
+RESTART_GRACE_S = 10.0
+STOPPED_STATUSES = (WorkerStatus.WORKER_STATUS_SHUTTING_DOWN, WorkerStatus.WORKER_STATUS_SHUTDOWN)
+
+_RUNTIMES: dict[float, Runtime] = {}
+
+
+def heartbeat_runtime(interval_s: float) -> Runtime:
+    """A Temporal runtime whose workers send a heartbeat every ``interval_s`` seconds (what
+    ``NodeLiveness`` sweeps). One per interval per process, kept for the process's life."""
+    runtime = _RUNTIMES.get(interval_s)
+    if runtime is None:
+        runtime = _RUNTIMES[interval_s] = Runtime(
+            telemetry=TelemetryConfig(), worker_heartbeat_interval=timedelta(seconds=interval_s)
+        )
+    return runtime
+
+
 class NodeLiveness:
     """Whether a node's worker is polling its task queue, read from Temporal itself.
 
-    A live worker always holds a long poll open, so the server's ``last_access_time`` for it is
-    never much older than one poll (about a minute). Answers are cached briefly so a burst of
-    tasks does not turn into a burst of DescribeTaskQueue calls.
+    Two sources, cheapest first:
+
+    1. **Worker heartbeats** (``ListWorkers``; Temporal server ≥ 1.29, SDK worker heartbeating).
+       With ``sweep_s`` set, one paged ``ListWorkers`` call at most every ``sweep_s`` seconds
+       lists every node worker of the namespace (``TaskQueue STARTS_WITH "node."``): a queue with
+       a fresh RUNNING heartbeat is live without any per-node call, whatever the number of nodes;
+       a worker that shuts down sends a last heartbeat saying so, so a stopped node is dead from
+       the next sweep on (unless a poller of another identity, or of the same one well after
+       the stop, shows it was restarted).
+    2. **Pollers** (``DescribeTaskQueue``, per queue, cached ``cache_s``): for a queue without a
+       heartbeat yet (a worker sends its first one a heartbeat interval after it starts), or
+       whose heartbeats went stale (a killed process). A live worker always holds a long poll
+       open, so its ``last_access_time`` is never much older than one poll (about a minute);
+       a process killed with SIGKILL therefore still looks live for up to ``max_age_s``.
+
+    Routing asks only about its top candidates, so even the fallback costs a handful of calls
+    per decision, not one per registered node.
     """
 
-    def __init__(self, client: Client, *, max_age_s: float, cache_s: float = 2.0) -> None:
+    def __init__(
+        self,
+        client: Client,
+        *,
+        max_age_s: float,
+        cache_s: float = 2.0,
+        sweep_s: float | None = None,
+        prefix: str = "node.",
+    ) -> None:
         self._client = client
         self._max_age_s = max_age_s
         self._cache_s = cache_s
-        self._cache: dict[str, tuple[float, bool]] = {}
+        self._sweep_s = sweep_s
+        self._prefix = prefix
+        self._cache: dict[str, tuple[float, list[tuple[str, float]]]] = {}
+        self._beats: dict[str, WorkerBeat] = {}
+        self._swept_at = -math.inf
+        self._sweep_lock = asyncio.Lock()
+        self.sweeps = 0
+        self.describes = 0
+
+    # --- heartbeats ----------------------------------------------------------------------------
+
+    async def sweep(self) -> int:
+        """List every node worker's latest heartbeat; returns the queues seen."""
+        beats: dict[str, list[Any]] = {}
+        token = b""
+        while True:
+            resp = await self._client.workflow_service.list_workers(
+                ListWorkersRequest(
+                    namespace=self._client.namespace,
+                    page_size=1000,
+                    next_page_token=token,
+                    query=f'TaskQueue STARTS_WITH "{self._prefix}"',
+                )
+            )
+            for info in resp.workers_info:
+                hb = info.worker_heartbeat
+                if hb.task_queue.startswith(self._prefix):
+                    beats.setdefault(hb.task_queue, []).append(hb)
+            token = resp.next_page_token
+            if not token:
+                break
+        wall = time.time()
+        summary: dict[str, WorkerBeat] = {}
+        for queue, hbs in beats.items():
+            running = [
+                hb
+                for hb in hbs
+                if hb.status == WorkerStatus.WORKER_STATUS_RUNNING
+                and wall - hb.heartbeat_time.ToDatetime(tzinfo=UTC).timestamp() <= self._max_age_s
+            ]
+            latest = max(hbs, key=lambda hb: hb.heartbeat_time.ToDatetime(tzinfo=UTC))
+            summary[queue] = WorkerBeat(
+                running=bool(running),
+                stopped=not running and latest.status in STOPPED_STATUSES,
+                at=latest.heartbeat_time.ToDatetime(tzinfo=UTC).timestamp(),
+                used_slots=sum(hb.activity_task_slots_info.current_used_slots for hb in running),
+                free_slots=sum(
+                    hb.activity_task_slots_info.current_available_slots for hb in running
+                ),
+                stopped_identities=frozenset(
+                    hb.worker_identity for hb in hbs if hb.status in STOPPED_STATUSES
+                ),
+            )
+        self.observe(summary)
+        self.sweeps += 1
+        return len(summary)
+
+    def observe(self, beats: dict[str, WorkerBeat]) -> None:
+        """Take a sweep's result (``sweep`` calls this; benchmarks feed it synthetic sweeps)."""
+        self._beats = beats
+        self._swept_at = time.monotonic()
+
+    async def _maybe_sweep(self) -> None:
+        if self._sweep_s is None or time.monotonic() - self._swept_at < self._sweep_s:
+            return
+        async with self._sweep_lock:
+            if time.monotonic() - self._swept_at < self._sweep_s:
+                return
+            try:
+                await self.sweep()
+            except RPCError as err:  # e.g. a server without worker heartbeats: pollers only
+                log.warning("listing worker heartbeats failed; using pollers", error=str(err))
+                self._beats = {}
+                self._swept_at = time.monotonic()
+
+    def _sweep_fresh(self) -> bool:
+        return self._sweep_s is not None and (
+            time.monotonic() - self._swept_at <= max(3 * self._sweep_s, self._sweep_s + 1.0)
+        )
+
+    def beat(self, task_queue: str) -> WorkerBeat | None:
+        return self._beats.get(task_queue) if self._sweep_fresh() else None
+
+    def load(self, task_queue: str) -> float:
+        """Share of the node's activity slots in use at its last heartbeat (0 when unknown)."""
+        beat = self.beat(task_queue)
+        return beat.load if beat is not None else 0.0
+
+    # --- verdicts ------------------------------------------------------------------------------
 
     async def is_live(self, task_queue: str) -> bool:
+        await self._maybe_sweep()
+        beat = self.beat(task_queue)
+        if beat is not None and beat.running:
+            return True
+        return await self._polled(task_queue, stopped=beat if beat and beat.stopped else None)
+
+    async def _polled(self, task_queue: str, *, stopped: WorkerBeat | None) -> bool:
+        """Some poller accessed the queue within ``max_age``. After a worker said it stopped,
+        its own pollers count only if they came back well after (``RESTART_GRACE_S``: the
+        stopping worker's last poll can still end a moment after its last heartbeat)."""
         now = time.monotonic()
         cached = self._cache.get(task_queue)
         if cached and now - cached[0] < self._cache_s:
-            return cached[1]
-        resp = await self._client.workflow_service.describe_task_queue(
-            DescribeTaskQueueRequest(
-                namespace=self._client.namespace,
-                task_queue=TaskQueue(name=task_queue),
-                task_queue_type=TaskQueueType.TASK_QUEUE_TYPE_ACTIVITY,
+            pollers = cached[1]
+        else:
+            self.describes += 1
+            resp = await self._client.workflow_service.describe_task_queue(
+                DescribeTaskQueueRequest(
+                    namespace=self._client.namespace,
+                    task_queue=TaskQueue(name=task_queue),
+                    task_queue_type=TaskQueueType.TASK_QUEUE_TYPE_ACTIVITY,
+                )
             )
+            pollers = [
+                (p.identity, p.last_access_time.ToDatetime(tzinfo=UTC).timestamp())
+                for p in resp.pollers
+            ]
+            self._cache[task_queue] = (now, pollers)
+        wall = time.time()
+        return any(
+            wall - at <= self._max_age_s
+            and (
+                stopped is None
+                or identity not in stopped.stopped_identities
+                or at > stopped.at + RESTART_GRACE_S
+            )
+            for identity, at in pollers
         )
-        wall = datetime.now(UTC).timestamp()
-        live = any(
-            wall - p.last_access_time.ToDatetime(tzinfo=UTC).timestamp() <= self._max_age_s
-            for p in resp.pollers
-        )
-        self._cache[task_queue] = (now, live)
-        return live
 
     def forget(self, task_queue: str) -> None:
         self._cache.pop(task_queue, None)

@@ -1,19 +1,23 @@
-"""``/v1/nodes``: the registered expert nodes, whether each is polling its queue, and the state of
-its circuit breakers (its own, and its provider's in its region)."""
+"""``/v1/nodes``: the registered expert nodes, whether each is polling its queue, the state of
+its circuit breakers (its own, and its provider's in its region) and its reputation; signed
+registration, profile updates and deregistration (``xpando/identity.py``)."""
 
 from __future__ import annotations
 
 import asyncio
 from datetime import UTC, datetime
-from typing import Annotated
+from typing import Annotated, Literal
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Query, Response
 
 from activities.breaker import node_key, provider_key, view
-from api.deps import LivenessDep, SessionDep
-from api.schemas import NodeList, NodeView, Region
-from xpando.contracts import NodeDomain
+from activities.registration import NodeRegistry, Registered
+from api.deps import LivenessDep, RegistryDep, SessionDep, SettingsDep
+from api.errors import ApiError
+from api.schemas import NodeList, NodeRegistered, NodeView, Region
+from xpando.contracts import NodeAction, NodeDomain, SignedNodeRequest
 from xpando.db import queries
+from xpando.identity import RegistrationRejected
 
 router = APIRouter(prefix="/v1/nodes", tags=["nodes"])
 
@@ -22,10 +26,17 @@ router = APIRouter(prefix="/v1/nodes", tags=["nodes"])
 async def list_nodes(
     session: SessionDep,
     liveness: LivenessDep,
+    settings: SettingsDep,
     region: Annotated[list[Region] | None, Query(max_length=8)] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    status: Annotated[Literal["active", "deregistered", "all"], Query()] = "active",
 ) -> NodeList:
-    nodes = await queries.list_nodes(session=session, regions=region or (), limit=limit)
+    nodes = await queries.list_nodes(
+        session=session,
+        regions=region or (),
+        limit=limit,
+        status=None if status == "all" else status,
+    )
     live = await asyncio.gather(*(liveness.is_live(n.task_queue) for n in nodes))
     keys = [node_key(n.node_id) for n in nodes]
     keys += sorted({provider_key(n.provider, n.region) for n in nodes})
@@ -49,7 +60,69 @@ async def list_nodes(
                 key=provider_key(n.provider, n.region),
                 now=now,
             ),
+            status=n.status or "active",
+            public_key=n.public_key,
+            wallet=n.wallet,
+            reputation=n.reputation if n.reputation is not None else settings.reputation_prior,
+            contributions=n.reputation_n or 0,
+            price_input_per_mtok=n.price_input_per_mtok or 0.0,
+            price_output_per_mtok=n.price_output_per_mtok or 0.0,
         )
         for n, is_live in zip(nodes, live, strict=True)
     ]
     return NodeList(nodes=views, count=len(views))
+
+
+@router.post(
+    "",
+    response_model=NodeRegistered,
+    status_code=201,
+    responses={200: {"model": NodeRegistered, "description": "An existing node, updated"}},
+)
+async def register_node(
+    request: SignedNodeRequest, registry: RegistryDep, response: Response
+) -> NodeRegistered:
+    """Register a node, or update its profile: a request signed by the node's identity key
+    (``action: "register"``). 201 when the node is new, 200 when it was updated."""
+    if request.action != NodeAction.REGISTER:
+        raise ApiError(
+            422, "invalid_registration", "POST registers; deregister with DELETE /v1/nodes/{id}"
+        )
+    done = await _apply(registry, request)
+    response.status_code = 201 if done.created else 200
+    return NodeRegistered(
+        node_id=done.node_id,
+        status="active",
+        created=done.created,
+        public_key=done.public_key,
+        registered_at=done.registered_at,
+    )
+
+
+@router.delete("/{node_id}", response_model=NodeRegistered)
+async def deregister_node(
+    node_id: str, request: SignedNodeRequest, registry: RegistryDep
+) -> NodeRegistered:
+    """Take a node out of the network: a request signed by its key, ``action: "deregister"``.
+    The node is no longer routed to; registering again (same key) brings it back."""
+    if request.action != NodeAction.DEREGISTER or request.node_id != node_id:
+        raise ApiError(
+            422,
+            "invalid_registration",
+            f"DELETE /v1/nodes/{node_id} takes a signed deregister request for that node",
+        )
+    done = await _apply(registry, request)
+    return NodeRegistered(
+        node_id=done.node_id,
+        status="deregistered",
+        created=False,
+        public_key=done.public_key,
+        registered_at=done.registered_at,
+    )
+
+
+async def _apply(registry: NodeRegistry, request: SignedNodeRequest) -> Registered:
+    try:
+        return await registry.apply(request)
+    except RegistrationRejected as err:
+        raise ApiError(err.status, err.code, err.message) from err

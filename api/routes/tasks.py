@@ -63,11 +63,15 @@ async def submit_task(
             regions=body.regions,
             strategy=body.strategy,
             fresh=body.fresh,
+            quorum=body.quorum,
+            deadline_s=body.deadline_s,
         )
         .model_dump_json()
         .encode()
     ).hexdigest()
     strategy = body.strategy or AggregationStrategy(settings.aggregation_strategy)
+    quorum = body.quorum if body.quorum is not None else settings.task_quorum
+    deadline_s = body.deadline_s if body.deadline_s is not None else settings.task_deadline_s
     task = TaskInput(
         task_id=task_id,
         prompt=body.prompt,
@@ -77,6 +81,8 @@ async def submit_task(
         submitted_at=datetime.now(UTC),
         strategy=strategy,
         fresh=body.fresh,
+        quorum=min(quorum, k) if quorum else None,
+        deadline_ms=int(deadline_s * 1000) if deadline_s else None,
     )
     try:
         handle = await client.start_workflow(
@@ -154,6 +160,7 @@ async def get_task(
             knowledge_used=result.knowledge_used,
             strategy=result.strategy,
             reused=result.reused,
+            routing=result.routing,
             completed_at=result.completed_at,
             links=links,
         )

@@ -33,6 +33,17 @@ class Node(SQLModel, table=True):
     wallet: str | None = Field(default=None, max_length=64)  # base58 payout address (XPD)
     registered_at: datetime = _ts()
     updated_at: datetime = _ts()
+    # Signed identity and routing state (nullable: rows from before these columns have none).
+    public_key: str | None = Field(default=None, max_length=64)  # bound by the first signed request
+    status: str | None = Field(default=None, max_length=16)  # None/active | deregistered
+    deregistered_at: datetime | None = _ts(nullable=True)
+    price_input_per_mtok: float | None = None
+    price_output_per_mtok: float | None = None
+    reputation: float | None = None  # None: the prior (XPANDO_REPUTATION_PRIOR)
+    reputation_n: int | None = None  # contributions that updated it
+    # Any change that routing must see (profile, status, reputation): the routing index's
+    # incremental refresh reads rows changed since its last look.
+    changed_at: datetime | None = _ts(nullable=True, index=True)
 
 
 class Task(SQLModel, table=True):
@@ -137,3 +148,40 @@ class ExpertOutcome(SQLModel, table=True):
     ok: bool
     error_type: str | None = Field(default=None, max_length=64)
     created_at: datetime = _ts(index=True)
+
+
+class NodeNonce(SQLModel, table=True):
+    """Nonces of signed node requests, kept until their timestamp would be refused anyway: the
+    primary key turns a replayed request into a conflict."""
+
+    __tablename__ = "node_nonces"
+
+    public_key: str = Field(primary_key=True, max_length=64)
+    nonce: str = Field(primary_key=True, max_length=64)
+    digest: str = Field(max_length=64)  # sha256 of the signature: the same request, retried
+    node_id: str = Field(max_length=64)
+    expires_at: datetime = _ts(index=True)
+
+
+class DomainVector(SQLModel, table=True):
+    """Embeddings of node domain texts, content-addressed (sha256 of embedder name + text): a
+    text is embedded once for the whole network, at registration."""
+
+    __tablename__ = "domain_vectors"
+
+    key: str = Field(primary_key=True, max_length=64)
+    embedder: str = Field(max_length=64)
+    vector: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
+    created_at: datetime = _ts()
+
+
+class ReputationEvent(SQLModel, table=True):
+    """One contribution's effect on its node's reputation: once per task + node, so a retried
+    record never moves a reputation twice."""
+
+    __tablename__ = "reputation_events"
+
+    task_id: str = Field(primary_key=True, max_length=128)
+    node_id: str = Field(primary_key=True, max_length=64)
+    quality: float
+    created_at: datetime = _ts()

@@ -54,7 +54,10 @@ async def _upsert(
 async def upsert_node(
     *, session: AsyncSession, profile: NodeProfile, now: datetime
 ) -> tuple[bool, datetime]:
-    """Register or update a node; returns (created, registered_at)."""
+    """Register or update a node without a signature check; returns (created, registered_at).
+
+    The network's registration path is ``activities/registration.py`` (signed requests); this
+    direct write is for operators' tooling, tests and benchmarks."""
     existing = await session.get(Node, profile.node_id)
     values = {
         "node_id": profile.node_id,
@@ -65,8 +68,12 @@ async def upsert_node(
         "capacity": profile.capacity,
         "domains": [d.model_dump() for d in profile.domains],
         "wallet": profile.wallet,
+        "price_input_per_mtok": profile.price_input_per_mtok,
+        "price_output_per_mtok": profile.price_output_per_mtok,
+        "status": "active",
         "registered_at": now,
         "updated_at": now,
+        "changed_at": now,
     }
     await _upsert(
         session,
@@ -81,7 +88,11 @@ async def upsert_node(
             "capacity",
             "domains",
             "wallet",
+            "price_input_per_mtok",
+            "price_output_per_mtok",
+            "status",
             "updated_at",
+            "changed_at",
         ],
     )
     await session.commit()
@@ -91,9 +102,18 @@ async def upsert_node(
 
 
 async def list_nodes(
-    *, session: AsyncSession, regions: Sequence[str] = (), limit: int | None = None
+    *,
+    session: AsyncSession,
+    regions: Sequence[str] = (),
+    limit: int | None = None,
+    status: str | None = None,
 ) -> list[Node]:
+    """Nodes in id order; ``status``: only ``active`` or only ``deregistered`` ones."""
     stmt = select(Node).order_by(col(Node.node_id))
+    if status == "active":
+        stmt = stmt.where(or_(col(Node.status).is_(None), col(Node.status) == "active"))
+    elif status is not None:
+        stmt = stmt.where(col(Node.status) == status)
     if regions:
         stmt = stmt.where(col(Node.region).in_(list(regions)))
     if limit is not None:

@@ -1,0 +1,300 @@
+"""Node identity, routing and reputation queries (keyword-only; activities and API routes).
+
+Every write is guarded so that a retried or concurrent call cannot apply it twice:
+
+* a signed request inserts its (public key, nonce) first: a conflict is a replay;
+* the first signed request binds a node id to its key (``INSERT … ON CONFLICT DO UPDATE … WHERE
+  nodes.public_key IS NULL OR nodes.public_key = excluded.public_key``, one statement, so two
+  keys racing for one id cannot both win);
+* a reputation update inserts (task id, node id) into ``reputation_events`` first and moves the
+  reputation only when that insert happened, in one UPDATE (no lost updates between core
+  workers).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Float, and_, case, cast, delete, func, literal, or_, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlmodel import col, select
+from sqlmodel.ext.asyncio.session import AsyncSession
+
+from xpando.contracts import ContributionStatus, NodeAction, RecordInput, SignedNodeRequest
+from xpando.db.models import Breaker, DomainVector, Node, NodeNonce, ReputationEvent
+from xpando.db.queries import as_utc
+
+ACTIVE, DEREGISTERED = "active", "deregistered"
+
+
+def _insert(session: AsyncSession) -> Any:
+    dialect = session.bind.dialect.name if session.bind is not None else "sqlite"
+    return postgresql.insert if dialect == "postgresql" else sqlite.insert
+
+
+class NonceReused(Exception):
+    """The (key, nonce) pair was used before; ``same_request``: by this very request (a retry)."""
+
+    def __init__(self, *, same_request: bool) -> None:
+        super().__init__("nonce reused")
+        self.same_request = same_request
+
+
+class KeyMismatch(Exception):
+    """The node id is bound to another public key."""
+
+    def __init__(self, bound_key: str | None) -> None:
+        super().__init__(f"node is bound to {bound_key}")
+        self.bound_key = bound_key
+
+
+class NodeNotFound(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class Applied:
+    node_id: str
+    created: bool
+    registered_at: datetime
+
+
+async def apply_signed_request(
+    *,
+    session: AsyncSession,
+    request: SignedNodeRequest,
+    digest: str,
+    nonce_expires_at: datetime,
+    now: datetime,
+) -> Applied:
+    """Apply an already verified request in one transaction: consume its nonce, then register,
+    update or deregister the node under its key. Raises :class:`NonceReused`,
+    :class:`KeyMismatch` or :class:`NodeNotFound` (and writes nothing)."""
+    insert = _insert(session)
+    nonce_table: Any = NodeNonce.__table__  # type: ignore[attr-defined]
+    consumed = await session.exec(
+        insert(nonce_table)
+        .values(
+            public_key=request.public_key,
+            nonce=request.nonce,
+            digest=digest,
+            node_id=request.node_id,
+            expires_at=nonce_expires_at,
+        )
+        .on_conflict_do_nothing(index_elements=["public_key", "nonce"])
+    )
+    if consumed.rowcount == 0:
+        seen = (
+            await session.exec(
+                select(NodeNonce.digest).where(
+                    NodeNonce.public_key == request.public_key, NodeNonce.nonce == request.nonce
+                )
+            )
+        ).first()
+        await session.rollback()
+        raise NonceReused(same_request=seen == digest)
+    existing = await session.get(Node, request.node_id)
+    table: Any = Node.__table__  # type: ignore[attr-defined]
+    c = table.c
+    bound = or_(c.public_key.is_(None), c.public_key == request.public_key)
+    if request.action == NodeAction.DEREGISTER:
+        if existing is None:
+            await session.rollback()
+            raise NodeNotFound(request.node_id)
+        result = await session.exec(
+            update(table)
+            .where(c.node_id == request.node_id, bound)
+            .values(
+                status=DEREGISTERED,
+                deregistered_at=now,
+                public_key=request.public_key,
+                updated_at=now,
+                changed_at=now,
+            )
+        )
+        if result.rowcount != 1:
+            bound_key = existing.public_key
+            await session.rollback()
+            raise KeyMismatch(bound_key)
+        await session.commit()
+        return Applied(request.node_id, False, as_utc(existing.registered_at) or now)
+
+    profile = request.profile
+    assert profile is not None  # verify_request refuses a register request without one
+    values = {
+        "node_id": profile.node_id,
+        "region": profile.region,
+        "provider": profile.provider,
+        "model": profile.model,
+        "task_queue": profile.task_queue,
+        "capacity": profile.capacity,
+        "domains": [d.model_dump() for d in profile.domains],
+        "wallet": request.public_key,
+        "public_key": request.public_key,
+        "status": ACTIVE,
+        "deregistered_at": None,
+        "price_input_per_mtok": profile.price_input_per_mtok,
+        "price_output_per_mtok": profile.price_output_per_mtok,
+        "registered_at": now,
+        "updated_at": now,
+        "changed_at": now,
+    }
+    stmt = insert(table).values(**values)
+    stmt = stmt.on_conflict_do_update(
+        index_elements=["node_id"],
+        set_={k: stmt.excluded[k] for k in values if k not in ("node_id", "registered_at")},
+        where=or_(table.c.public_key.is_(None), table.c.public_key == stmt.excluded.public_key),
+    )
+    result = await session.exec(stmt)
+    if result.rowcount != 1:
+        bound_key = existing.public_key if existing is not None else None
+        await session.rollback()
+        raise KeyMismatch(bound_key)
+    await session.commit()
+    if existing is None:
+        return Applied(request.node_id, True, now)
+    return Applied(request.node_id, False, as_utc(existing.registered_at) or now)
+
+
+async def purge_nonces(*, session: AsyncSession, now: datetime) -> int:
+    """Forget nonces whose requests would be refused as stale anyway."""
+    result = await session.exec(delete(NodeNonce).where(col(NodeNonce.expires_at) < now))
+    await session.commit()
+    return int(result.rowcount or 0)
+
+
+# --- domain embeddings ---------------------------------------------------------------------------
+
+
+async def domain_vectors(*, session: AsyncSession, keys: Sequence[str]) -> dict[str, bytes]:
+    out: dict[str, bytes] = {}
+    unique = sorted(set(keys))
+    for start in range(0, len(unique), 500):
+        rows = await session.exec(
+            select(DomainVector).where(col(DomainVector.key).in_(unique[start : start + 500]))
+        )
+        out.update({r.key: r.vector for r in rows.all()})
+    return out
+
+
+async def store_domain_vectors(
+    *, session: AsyncSession, embedder: str, vectors: dict[str, bytes], now: datetime
+) -> None:
+    if not vectors:
+        return
+    table: Any = DomainVector.__table__  # type: ignore[attr-defined]
+    rows = [
+        {"key": k, "embedder": embedder, "vector": v, "created_at": now} for k, v in vectors.items()
+    ]
+    await session.exec(
+        _insert(session)(table).values(rows).on_conflict_do_nothing(index_elements=["key"])
+    )
+    await session.commit()
+
+
+# --- the routing index's incremental refresh -----------------------------------------------------
+
+
+async def nodes_page(*, session: AsyncSession, after_id: str = "", limit: int = 5000) -> list[Node]:
+    """All nodes in node-id order, a page at a time (the routing index's first load)."""
+    stmt = select(Node).where(col(Node.node_id) > after_id).order_by(col(Node.node_id))
+    return list((await session.exec(stmt.limit(limit))).all())
+
+
+async def nodes_changed_since(
+    *, session: AsyncSession, since: datetime, after_id: str = "", limit: int = 5000
+) -> list[Node]:
+    """Nodes changed after (``since``, ``after_id``) in (changed_at, node_id) order (keyset
+    pagination: many nodes can share one timestamp)."""
+    stmt = (
+        select(Node)
+        .where(
+            or_(
+                col(Node.changed_at) > since,
+                and_(col(Node.changed_at) == since, col(Node.node_id) > after_id),
+            )
+        )
+        .order_by(col(Node.changed_at), col(Node.node_id))
+    )
+    return list((await session.exec(stmt.limit(limit))).all())
+
+
+# --- reputation ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ReputationParams:
+    """r ← r + a·(q - r), a = max(alpha, 1 / (n + 2)); r starts at ``prior`` (n = 0)."""
+
+    prior: float = 0.5
+    alpha: float = 0.1
+
+
+REPUTATION_COUNTS = (ContributionStatus.OK, ContributionStatus.NO_ANSWER)
+
+
+async def apply_reputation(
+    *, session: AsyncSession, record: RecordInput, params: ReputationParams, now: datetime
+) -> list[str]:
+    """Move each answering node's reputation toward its contribution's quality, once per task +
+    node. Failed asks (outages, cancelled stragglers, hedges that lost) leave it alone: those are
+    health, which the circuit breakers track. Returns the node ids updated now."""
+    insert = _insert(session)
+    events: Any = ReputationEvent.__table__  # type: ignore[attr-defined]
+    table: Any = Node.__table__  # type: ignore[attr-defined]
+    c = table.c
+    n = func.coalesce(c.reputation_n, 0)
+    r = func.coalesce(c.reputation, params.prior)
+    step = cast(literal(1.0), Float) / cast(n + 2, Float)
+    alpha = case((step > params.alpha, step), else_=literal(params.alpha, Float))
+    updated: list[str] = []
+    for contribution in _counted(record.contributions):
+        quality = max(0.0, min(1.0, contribution.quality))
+        inserted = await session.exec(
+            insert(events)
+            .values(
+                task_id=record.task_id,
+                node_id=contribution.node_id,
+                quality=quality,
+                created_at=now,
+            )
+            .on_conflict_do_nothing(index_elements=["task_id", "node_id"])
+        )
+        if inserted.rowcount != 1:
+            continue
+        await session.exec(
+            update(table)
+            .where(c.node_id == contribution.node_id)
+            .values(
+                reputation=r + alpha * (literal(quality, Float) - r),
+                reputation_n=n + 1,
+                changed_at=now,
+            )
+        )
+        updated.append(contribution.node_id)
+    await session.commit()
+    return updated
+
+
+def _counted(contributions: Iterable[Any]) -> list[Any]:
+    seen: set[str] = set()
+    out = []
+    for c in contributions:
+        if c.status in REPUTATION_COUNTS and c.node_id not in seen:
+            seen.add(c.node_id)
+            out.append(c)
+    return out
+
+
+async def troubled_breakers(*, session: AsyncSession) -> dict[str, Breaker]:
+    """Breakers that are open, or closed with failures counted: the ones routing looks at
+    (skipped when open; a lower health while failures are counted)."""
+    rows = await session.exec(
+        select(Breaker).where(
+            or_(col(Breaker.state) == "open", col(Breaker.consecutive_failures) > 0)
+        )
+    )
+    return {b.key: b for b in rows.all()}
