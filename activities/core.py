@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
+import time
 from dataclasses import replace
 from datetime import UTC, datetime
 
@@ -48,6 +48,10 @@ from xpando.temporal import NodeLiveness
 
 log = get_logger(__name__)
 
+# Routing reads the circuit breakers at most this often (and after each outcome reported here).
+BREAKER_CACHE_S = 1.0
+HEALTHY = breaker.Gate(allowed=True)
+
 
 class CoreActivities:
     """Activities of the Mother Core. Receives its clients; never builds them.
@@ -81,6 +85,7 @@ class CoreActivities:
         self._reputation = reputation or ReputationParams(
             prior=self._routing.config.reputation_prior
         )
+        self._troubled: tuple[float, dict[str, Breaker]] | None = None
 
     @activity.defn(name="plan")
     async def plan(self, input: PlanInput) -> PlanResult:
@@ -135,9 +140,8 @@ class CoreActivities:
         index = self._routing
         cfg = index.config
         vector = await index.embed_prompt(input.prompt)
-        await index.refresh()
-        async with self._sessions() as session:
-            troubled = await node_queries.troubled_breakers(session=session)
+        await index.maybe_refresh()
+        troubled = await self._troubled_breakers()
         now = datetime.now(UTC)
         want = input.k + input.standbys
         window = max(2 * want, 16)
@@ -202,6 +206,19 @@ class CoreActivities:
             report=report,
         )
 
+    async def _troubled_breakers(self) -> dict[str, Breaker]:
+        """Breakers that are open or counting failures, read at most every
+        ``BREAKER_CACHE_S`` — and again after any outcome this process reports — so a burst of
+        decisions is not a burst of queries (another core worker's report is seen within that)."""
+        now = time.monotonic()
+        cached = self._troubled
+        if cached is not None and now - cached[0] < BREAKER_CACHE_S:
+            return cached[1]
+        async with self._sessions() as session:
+            rows = await node_queries.troubled_breakers(session=session)
+        self._troubled = (now, rows)
+        return rows
+
     async def _check(
         self,
         batch: list[routing.Scored],
@@ -213,41 +230,48 @@ class CoreActivities:
         the reason): breakers first (no I/O), then liveness of the rest, concurrently."""
         allowed: list[routing.Scored] = []
         skipped: list[routing.Scored] = []
+        keys: dict[str, tuple[str, str]] = {}
         for s in batch:
+            node_id = s.node.node_id
+            keys[node_id] = (
+                breaker.node_key(node_id),
+                breaker.provider_key(s.node.provider, s.node.region),
+            )
+            if keys[node_id][0] not in troubled and keys[node_id][1] not in troubled:
+                gates[node_id] = HEALTHY
+                allowed.append(s)
+                continue
             gate = breaker.gate(
-                node_id=s.node.node_id,
+                node_id=node_id,
                 provider=s.node.provider,
                 region=s.node.region,
                 open_rows=troubled,
                 now=now,
             )
-            gates[s.node.node_id] = gate
+            gates[node_id] = gate
             if gate.allowed:
                 allowed.append(s)
             else:
                 skipped.append(replace(s.with_health(0.0), reason="circuit breaker open"))
-        flags = await asyncio.gather(*(self._liveness.is_live(s.node.task_queue) for s in allowed))
+        live = await self._liveness.are_live([s.node.task_queue for s in allowed])
         usable: list[routing.Scored] = []
-        for s, live in zip(allowed, flags, strict=True):
-            if not live:
+        recent = now - self._breakers.cooldown
+        for s in allowed:
+            if not live[s.node.task_queue]:
                 reason = f"not live: no worker polls {s.node.task_queue}"
                 skipped.append(replace(s.with_health(0.0), reason=reason))
                 continue
             # Recent failures (closed breakers still counting, within one cool-down) halve the
             # health each; a half-open node is not penalised: its one probe must be able to win.
-            recent = now - self._breakers.cooldown
             failures = sum(
                 row.consecutive_failures
-                for key in (
-                    breaker.node_key(s.node.node_id),
-                    breaker.provider_key(s.node.provider, s.node.region),
-                )
+                for key in keys[s.node.node_id]
                 if (row := troubled.get(key)) is not None
                 and row.state != "open"
                 and (queries.as_utc(row.updated_at) or now) >= recent
             )
             health = 0.5**failures * (1.0 - self._liveness.load(s.node.task_queue) / 2)
-            usable.append(s.with_health(round(health, 6)))
+            usable.append(s if health == 1.0 else s.with_health(round(health, 6)))
         return usable, skipped
 
     async def _select(
@@ -266,6 +290,8 @@ class CoreActivities:
         while True:
             chosen, _ = routing.select(pool, k=input.k, standbys=0, diversity=diversity)
             lost: list[str] = []
+            if not any(gates[s.node.node_id].probes for s in chosen):
+                break
             async with self._sessions() as session:
                 for s in chosen:
                     node_id = s.node.node_id
@@ -347,6 +373,7 @@ class CoreActivities:
             error_type=input.error_type,
         )
         now = datetime.now(UTC)
+        self._troubled = None  # the next decision reads the breakers again
         async with self._sessions() as session:
             recorded = await queries.record_expert_outcome(
                 session=session,
@@ -450,7 +477,9 @@ class CoreActivities:
 
 
 def _candidate(s: routing.Scored, *, probe: bool = False) -> RouteCandidate:
-    return RouteCandidate(
+    # model_construct: the values are the index's own (typed, in range); a decision builds
+    # a few dozen of these and validating each would be a good share of its time.
+    return RouteCandidate.model_construct(
         node_id=s.node.node_id,
         region=s.node.region,
         provider=s.node.provider,
@@ -467,7 +496,7 @@ def _candidate(s: routing.Scored, *, probe: bool = False) -> RouteCandidate:
 
 
 def _terms(s: routing.Scored, outcome: RouteOutcome, reason: str = "") -> RouteTerms:
-    return RouteTerms(
+    return RouteTerms.model_construct(
         node_id=s.node.node_id,
         region=s.node.region,
         provider=s.node.provider,

@@ -47,6 +47,7 @@ class NodeRegistry:
         self._embedder = embedder
         self._max_skew_s = max_skew_s
         self._purged_at = 0.0
+        self._vectors_known: dict[str, None] = {}  # domain vector keys known to be stored
 
     async def apply(
         self,
@@ -66,11 +67,11 @@ class NodeRegistry:
         received = received_at or now
         verify_request(request, now=received.timestamp(), max_skew_s=self._max_skew_s)
         if request.profile is not None and request.profile.domains:
-            await ensure_domain_vectors(
-                self._sessions,
-                self._embedder,
-                {domain_text(d.model_dump()) for d in request.profile.domains},
+            texts = {domain_text(d.model_dump()) for d in request.profile.domains}
+            stored = await ensure_domain_vectors(
+                self._sessions, self._embedder, texts, known=self._vectors_known
             )
+            self._vectors_known.update(dict.fromkeys(stored))
         expires = datetime.fromtimestamp(request.timestamp, UTC) + timedelta(
             seconds=self._max_skew_s + 1
         )

@@ -345,8 +345,10 @@ class RoutingIndex:
         self._overlap = timedelta(seconds=overlap_s)
         self._lock = asyncio.Lock()
         self._last_refresh = -math.inf
-        self._watermark: datetime | None = None
-        self._watermark_id = ""
+        self._watermark: datetime | None = None  # (changed_at, node_id) of the last row seen
+        self._mark_id = ""
+        self._refreshed_at: datetime | None = None  # wall clock when the last refresh began
+        self._background: asyncio.Task[None] | None = None
         self._loaded = False
         cap = 1024
         self._ids: list[str] = []
@@ -361,6 +363,7 @@ class RoutingIndex:
         self._doms = np.full((cap, 1), -1, np.int32)
         self._codes: dict[str, dict[str, int]] = {"region": {}, "provider": {}, "domain": {}}
         # distinct domain texts
+        self._keys: dict[tuple[str, str, tuple[str, ...]], str] = {}
         self._ukey: dict[str, int] = {}
         self._uvec = np.zeros((256, embedder.dim), np.float32)
         self._uname: list[str] = []
@@ -403,12 +406,25 @@ class RoutingIndex:
 
     # --- refresh -------------------------------------------------------------------------------
 
+    async def maybe_refresh(self) -> None:
+        """What a routing decision calls: the first load in line, later refreshes in the
+        background (the decision goes on with what the index holds, at most one refresh
+        period old), so no decision waits for the database."""
+        if not self._loaded:
+            await self.refresh()
+            return
+        if time.monotonic() - self._last_refresh < self._refresh_every_s:
+            return
+        if self._background is None or self._background.done():
+            self._background = asyncio.create_task(self.refresh())
+
     async def refresh(self, *, force: bool = False) -> None:
         if not force and time.monotonic() - self._last_refresh < self._refresh_every_s:
             return
         async with self._lock:
             if not force and time.monotonic() - self._last_refresh < self._refresh_every_s:
                 return
+            started = datetime.now(UTC)
             if not self._loaded:
                 after = ""
                 while True:
@@ -422,11 +438,13 @@ class RoutingIndex:
                     after = rows[-1].node_id
                 self._loaded = True
             else:
-                # Re-read a short overlap: a writer whose clock lags, or whose transaction
-                # committed late, may have stamped a time just before the watermark.
-                mark = self._watermark
-                since = (mark - self._overlap) if mark else datetime(1970, 1, 1, tzinfo=UTC)
-                after = ""
+                # Rows changed after the last one seen; and, again, rows stamped shortly before
+                # the previous refresh began: a writer whose transaction committed late (or
+                # whose clock lags a little) may have stamped a time before the watermark.
+                since, after = self._watermark or datetime(1970, 1, 1, tzinfo=UTC), self._mark_id
+                lower = (self._refreshed_at or started) - self._overlap
+                if lower < since:
+                    since, after = lower, ""
                 while True:
                     async with self._sessions() as session:
                         rows = await node_queries.nodes_changed_since(
@@ -436,6 +454,7 @@ class RoutingIndex:
                     if len(rows) < REFRESH_PAGE:
                         break
                     since, after = as_utc(rows[-1].changed_at) or since, rows[-1].node_id
+            self._refreshed_at = started
             self._last_refresh = time.monotonic()
 
     async def _load(self, rows: list[Node]) -> None:
@@ -452,8 +471,23 @@ class RoutingIndex:
         for r in rows:
             self._put(r)
             stamp = as_utc(r.changed_at)
-            if stamp is not None and (self._watermark is None or stamp > self._watermark):
-                self._watermark = stamp
+            if stamp is not None and (
+                self._watermark is None or (stamp, r.node_id) > (self._watermark, self._mark_id)
+            ):
+                self._watermark, self._mark_id = stamp, r.node_id
+
+    def _key_of(self, domain: Mapping[str, Any]) -> str:
+        """The vector key of a domain (memoised: most nodes share a few domain texts)."""
+        keywords = domain.get("keywords") or []
+        memo = (
+            str(domain.get("name", "")),
+            str(domain.get("description", "") or ""),
+            tuple(str(k) for k in keywords[:DOMAIN_KEYWORDS]) if isinstance(keywords, list) else (),
+        )
+        key = self._keys.get(memo)
+        if key is None:
+            key = self._keys[memo] = vector_key(self._embedder.name, domain_text(domain))
+        return key
 
     def _code(self, kind: str, value: str) -> int:
         codes = self._codes[kind]
@@ -516,7 +550,7 @@ class RoutingIndex:
         self._price[slot] = self.config.price_term(
             row.price_input_per_mtok, row.price_output_per_mtok
         )
-        uids = [self._ukey[vector_key(self._embedder.name, domain_text(d))] for d in domains]
+        uids = [self._ukey[self._key_of(d)] for d in domains]
         if len(uids) > self._doms.shape[1]:
             wider = np.full((len(self._doms), len(uids)), -1, np.int32)
             wider[:, : self._doms.shape[1]] = self._doms

@@ -53,6 +53,31 @@ def _parser() -> argparse.ArgumentParser:
         type=float,
         help="USD per 1M output tokens (XPANDO_NODE_PRICE_OUTPUT_PER_MTOK)",
     )
+    node.add_argument("--capacity", type=int, help="tasks answered at once (XPANDO_NODE_CAPACITY)")
+    node.add_argument(
+        "--domain-description",
+        help="what the node's domain covers, for routing (XPANDO_NODE_DOMAIN_DESCRIPTION)",
+    )
+    nodes = wsub.add_parser(
+        "nodes", help="many simulated expert nodes in one process (load tests, benchmarks)"
+    )
+    nodes.add_argument("--count", type=int, required=True, help="how many nodes to host")
+    nodes.add_argument("--prefix", default="sim", help="node ids are <prefix>-1 … <prefix>-N")
+    nodes.add_argument(
+        "--regions", help="comma-separated regions, round-robin (default XPANDO_NODE_REGION)"
+    )
+    nodes.add_argument(
+        "--provider",
+        choices=["instant", "offline"],
+        default="instant",
+        help="instant: a fixed answer at once; offline: the built-in corpora",
+    )
+    nodes.add_argument(
+        "--domains",
+        help="comma-separated domains, round-robin (default: python,temporal,web-api,solana)",
+    )
+    nodes.add_argument("--capacity", type=int, help="tasks each node answers at once")
+    nodes.add_argument("--simulated-latency-ms", type=int, default=0, help="latency per answer")
 
     sub.add_parser("api", help="run the HTTP API (uvicorn)")
 
@@ -77,6 +102,8 @@ def _parser() -> argparse.ArgumentParser:
     submit.add_argument("--k", type=int, help="how many experts to ask")
     submit.add_argument("--domain")
     submit.add_argument("--region", action="append", default=[], dest="regions")
+    submit.add_argument("--quorum", type=int, help="go on once this many experts answered")
+    submit.add_argument("--deadline-s", type=float, help="go on after this with what answered")
     submit.add_argument("--id", help="task id (default task-<uuid>)")
     submit.add_argument("--wait", action="store_true", help="wait for and print the result")
     get = tsub.add_parser("get", help="print a task's progress or result")
@@ -130,6 +157,8 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
         return 0
     if args.command == "worker" and args.kind == "node":
         return _run_node(args, settings)
+    if args.command == "worker" and args.kind == "nodes":
+        return _run_nodes(args, settings)
     if args.command == "api":
         import uvicorn
 
@@ -203,12 +232,46 @@ def _run_node(args: argparse.Namespace, settings: Settings) -> int:
         price_output_per_mtok=_pick(
             args.price_output, settings.node_price_output_per_mtok, "--price-output", 0
         ),
+        capacity=int(_pick(args.capacity, settings.node_capacity, "--capacity", 1)),
+        domain_description=args.domain_description or settings.node_domain_description,
     )
     try:
         asyncio.run(run_node_worker(settings, spec))
     except (NodeConfigError, ValueError) as err:
         raise CliError(str(err)) from err
     return 0
+
+
+def _run_nodes(args: argparse.Namespace, settings: Settings) -> int:
+    from workers.nodes import DEFAULT_DOMAINS, FleetSpec, run_fleet
+
+    if not 1 <= args.count <= 100_000:
+        raise CliError("--count must be between 1 and 100000")
+    if args.simulated_latency_ms < 0:
+        raise CliError("--simulated-latency-ms must be >= 0")
+    capacity = args.capacity if args.capacity is not None else settings.node_capacity
+    if capacity < 1:
+        raise CliError("--capacity must be >= 1")
+    regions = _csv(args.regions) or [settings.node_region]
+    domains = tuple(_csv(args.domains)) or DEFAULT_DOMAINS
+    spec = FleetSpec(
+        count=args.count,
+        prefix=args.prefix,
+        regions=tuple(regions),
+        provider=args.provider,
+        domains=domains,
+        capacity=capacity,
+        simulated_latency_ms=args.simulated_latency_ms,
+    )
+    try:
+        asyncio.run(run_fleet(settings, spec))
+    except ValueError as err:
+        raise CliError(str(err)) from err
+    return 0
+
+
+def _csv(value: str | None) -> list[str]:
+    return [part.strip() for part in (value or "").split(",") if part.strip()]
 
 
 async def _db_init(settings: Settings) -> None:
@@ -264,6 +327,10 @@ async def _task(args: argparse.Namespace, settings: Settings) -> int:
         k = args.k or settings.default_k
         if not 1 <= k <= 9:
             raise CliError("--k must be between 1 and 9")
+        if args.quorum is not None and not 1 <= args.quorum <= k:
+            raise CliError("--quorum must be between 1 and --k")
+        if args.deadline_s is not None and args.deadline_s <= 0:
+            raise CliError("--deadline-s must be > 0")
     client = await _connect(settings)
     if args.action == "get":
         handle = client.get_workflow_handle_for(TaskWorkflow.run, args.task_id)
@@ -282,7 +349,15 @@ async def _task(args: argparse.Namespace, settings: Settings) -> int:
     task_id = args.id or f"task-{uuid.uuid4().hex}"
     handle = await client.start_workflow(
         TaskWorkflow.run,
-        TaskInput(task_id=task_id, prompt=prompt, k=k, domain=args.domain, regions=args.regions),
+        TaskInput(
+            task_id=task_id,
+            prompt=prompt,
+            k=k,
+            domain=args.domain,
+            regions=args.regions,
+            quorum=args.quorum,
+            deadline_ms=int(args.deadline_s * 1000) if args.deadline_s else None,
+        ),
         id=task_id,
         task_queue=settings.core_task_queue,
         id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,

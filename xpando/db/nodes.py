@@ -96,31 +96,29 @@ async def apply_signed_request(
         ).first()
         await session.rollback()
         raise NonceReused(same_request=seen == digest)
-    existing = await session.get(Node, request.node_id)
     table: Any = Node.__table__  # type: ignore[attr-defined]
     c = table.c
     bound = or_(c.public_key.is_(None), c.public_key == request.public_key)
     if request.action == NodeAction.DEREGISTER:
-        if existing is None:
-            await session.rollback()
-            raise NodeNotFound(request.node_id)
-        result = await session.exec(
-            update(table)
-            .where(c.node_id == request.node_id, bound)
-            .values(
-                status=DEREGISTERED,
-                deregistered_at=now,
-                public_key=request.public_key,
-                updated_at=now,
-                changed_at=now,
+        row = (
+            await session.exec(
+                update(table)
+                .where(c.node_id == request.node_id, bound)
+                .values(
+                    status=DEREGISTERED,
+                    deregistered_at=now,
+                    public_key=request.public_key,
+                    updated_at=now,
+                    changed_at=now,
+                )
+                .returning(c.registered_at)
             )
-        )
-        if result.rowcount != 1:
-            bound_key = existing.public_key
-            await session.rollback()
-            raise KeyMismatch(bound_key)
+        ).first()
+        if row is None:
+            await _refuse(session, request.node_id)
         await session.commit()
-        return Applied(request.node_id, False, as_utc(existing.registered_at) or now)
+        assert row is not None
+        return Applied(request.node_id, False, as_utc(row[0]) or now)
 
     profile = request.profile
     assert profile is not None  # verify_request refuses a register request without one
@@ -142,21 +140,64 @@ async def apply_signed_request(
         "updated_at": now,
         "changed_at": now,
     }
-    stmt = insert(table).values(**values)
-    stmt = stmt.on_conflict_do_update(
-        index_elements=["node_id"],
-        set_={k: stmt.excluded[k] for k in values if k not in ("node_id", "registered_at")},
-        where=or_(table.c.public_key.is_(None), table.c.public_key == stmt.excluded.public_key),
-    )
-    result = await session.exec(stmt)
-    if result.rowcount != 1:
-        bound_key = existing.public_key if existing is not None else None
-        await session.rollback()
-        raise KeyMismatch(bound_key)
+    row = (await session.exec(_register_statement(session), params=values)).first()
+    if row is None:  # the row exists under another key: the update's WHERE refused it
+        await _refuse(session, request.node_id)
     await session.commit()
+    assert row is not None
+    registered_at = as_utc(row[0]) or now
+    # An insert keeps this request's registered_at; an update keeps the first registration's.
+    return Applied(request.node_id, registered_at == as_utc(now), registered_at)
+
+
+_REGISTER_COLUMNS = (
+    "node_id",
+    "region",
+    "provider",
+    "model",
+    "task_queue",
+    "capacity",
+    "domains",
+    "wallet",
+    "public_key",
+    "status",
+    "deregistered_at",
+    "price_input_per_mtok",
+    "price_output_per_mtok",
+    "registered_at",
+    "updated_at",
+    "changed_at",
+)
+_STATEMENTS: dict[tuple[str, str], Any] = {}
+
+
+def _register_statement(session: AsyncSession) -> Any:
+    """The node upsert under its key, built once per dialect (building the ``excluded``
+    columns costs more than running it): insert, or update unless bound to another key."""
+    dialect = session.bind.dialect.name if session.bind is not None else "sqlite"
+    stmt = _STATEMENTS.get(("register", dialect))
+    if stmt is None:
+        table: Any = Node.__table__  # type: ignore[attr-defined]
+        base = _insert(session)(table)
+        excluded = base.excluded
+        stmt = base.on_conflict_do_update(
+            index_elements=["node_id"],
+            set_={
+                k: excluded[k] for k in _REGISTER_COLUMNS if k not in ("node_id", "registered_at")
+            },
+            where=or_(table.c.public_key.is_(None), table.c.public_key == excluded.public_key),
+        ).returning(table.c.registered_at)
+        _STATEMENTS[("register", dialect)] = stmt
+    return stmt
+
+
+async def _refuse(session: AsyncSession, node_id: str) -> None:
+    """Roll back and raise why the node's row was not written (unknown id, or another key)."""
+    await session.rollback()
+    existing = await session.get(Node, node_id)
     if existing is None:
-        return Applied(request.node_id, True, now)
-    return Applied(request.node_id, False, as_utc(existing.registered_at) or now)
+        raise NodeNotFound(node_id)
+    raise KeyMismatch(existing.public_key)
 
 
 async def purge_nonces(*, session: AsyncSession, now: datetime) -> int:
