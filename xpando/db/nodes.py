@@ -18,7 +18,19 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Float, and_, case, cast, delete, func, literal, or_, update
+from sqlalchemy import (
+    DateTime,
+    Float,
+    and_,
+    bindparam,
+    case,
+    cast,
+    delete,
+    func,
+    literal,
+    or_,
+    update,
+)
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
@@ -282,42 +294,68 @@ async def apply_reputation(
 ) -> list[str]:
     """Move each answering node's reputation toward its contribution's quality, once per task +
     node. Failed asks (outages, cancelled stragglers, hedges that lost) leave it alone: those are
-    health, which the circuit breakers track. Returns the node ids updated now."""
-    insert = _insert(session)
-    events: Any = ReputationEvent.__table__  # type: ignore[attr-defined]
-    table: Any = Node.__table__  # type: ignore[attr-defined]
-    c = table.c
-    n = func.coalesce(c.reputation_n, 0)
-    r = func.coalesce(c.reputation, params.prior)
-    step = cast(literal(1.0), Float) / cast(n + 2, Float)
-    alpha = case((step > params.alpha, step), else_=literal(params.alpha, Float))
-    updated: list[str] = []
-    for contribution in _counted(record.contributions):
-        quality = max(0.0, min(1.0, contribution.quality))
-        inserted = await session.exec(
-            insert(events)
-            .values(
-                task_id=record.task_id,
-                node_id=contribution.node_id,
-                quality=quality,
-                created_at=now,
-            )
-            .on_conflict_do_nothing(index_elements=["task_id", "node_id"])
-        )
-        if inserted.rowcount != 1:
-            continue
+    health, which the circuit breakers track. Returns the node ids updated now.
+
+    Two statements whatever the number of contributions: the events are inserted at once
+    (``ON CONFLICT DO NOTHING … RETURNING`` names the ones that are new), then one UPDATE runs
+    for each new one (an executemany)."""
+    counted = _counted(record.contributions)
+    if not counted:
+        return []
+    events, moves = _reputation_statements(session, params)
+    rows = [
+        {
+            "task_id": record.task_id,
+            "node_id": c.node_id,
+            "quality": max(0.0, min(1.0, c.quality)),
+            "created_at": now,
+        }
+        for c in counted
+    ]
+    inserted = await session.exec(events.values(rows))
+    new = {row[0] for row in inserted.all()}
+    updated = [r["node_id"] for r in rows if r["node_id"] in new]
+    if updated:
         await session.exec(
-            update(table)
-            .where(c.node_id == contribution.node_id)
-            .values(
-                reputation=r + alpha * (literal(quality, Float) - r),
-                reputation_n=n + 1,
-                changed_at=now,
-            )
+            moves,
+            params=[
+                {"node": r["node_id"], "quality": r["quality"], "now": now}
+                for r in rows
+                if r["node_id"] in new
+            ],
         )
-        updated.append(contribution.node_id)
     await session.commit()
     return updated
+
+
+def _reputation_statements(session: AsyncSession, params: ReputationParams) -> tuple[Any, Any]:
+    dialect = session.bind.dialect.name if session.bind is not None else "sqlite"
+    key = (f"reputation:{params.prior}:{params.alpha}", dialect)
+    cached = _STATEMENTS.get(key)
+    if cached is None:
+        table: Any = Node.__table__  # type: ignore[attr-defined]
+        c = table.c
+        n = func.coalesce(c.reputation_n, 0)
+        r = func.coalesce(c.reputation, params.prior)
+        step = cast(literal(1.0), Float) / cast(n + 2, Float)
+        alpha = case((step > params.alpha, step), else_=literal(params.alpha, Float))
+        events: Any = ReputationEvent.__table__  # type: ignore[attr-defined]
+        insert_events = (
+            _insert(session)(events)
+            .on_conflict_do_nothing(index_elements=["task_id", "node_id"])
+            .returning(events.c.node_id)
+        )
+        move = (
+            update(table)
+            .where(c.node_id == bindparam("node"))
+            .values(
+                reputation=r + alpha * (bindparam("quality", type_=Float) - r),
+                reputation_n=n + 1,
+                changed_at=bindparam("now", type_=DateTime(timezone=True)),
+            )
+        )
+        cached = _STATEMENTS[key] = (insert_events, move)
+    return cached
 
 
 def _counted(contributions: Iterable[Any]) -> list[Any]:

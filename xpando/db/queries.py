@@ -35,17 +35,27 @@ async def _upsert(
     keys: Sequence[str],
     update: Sequence[str],
 ) -> None:
-    table: Any = model.__table__  # type: ignore[attr-defined]
     dialect = session.bind.dialect.name if session.bind is not None else "sqlite"
-    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
-    stmt = insert(table).values(**values)
-    if update:
-        stmt = stmt.on_conflict_do_update(
-            index_elements=list(keys), set_={name: stmt.excluded[name] for name in update}
-        )
-    else:
-        stmt = stmt.on_conflict_do_nothing(index_elements=list(keys))
-    await session.exec(stmt)
+    shape = (model.__name__, dialect, tuple(values), tuple(keys), tuple(update))
+    stmt = _UPSERTS.get(shape)
+    if stmt is None:
+        # Built once per shape and run with the values as parameters: building the
+        # ``excluded`` columns of an upsert costs more than running it.
+        table: Any = model.__table__  # type: ignore[attr-defined]
+        insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+        base = insert(table)
+        if update:
+            excluded = base.excluded
+            stmt = base.on_conflict_do_update(
+                index_elements=list(keys), set_={name: excluded[name] for name in update}
+            )
+        else:
+            stmt = base.on_conflict_do_nothing(index_elements=list(keys))
+        _UPSERTS[shape] = stmt
+    await session.exec(stmt, params=values)
+
+
+_UPSERTS: dict[tuple[str, str, tuple[str, ...], tuple[str, ...], tuple[str, ...]], Any] = {}
 
 
 # --- nodes ---------------------------------------------------------------------------------------
