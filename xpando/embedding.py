@@ -485,5 +485,10 @@ def get_embedder(kind: str = "auto", model_dir: Path | None = None) -> Embedder:
 
 
 def embedder_from_settings(settings: Settings) -> Embedder:
-    """:func:`get_embedder` for ``settings.embedder`` and ``settings.embedding_model_dir``."""
+    """:func:`get_embedder` for ``settings.embedder`` and ``settings.embedding_model_dir``; a
+    provider's API for ``openai`` and ``gemini`` (``xpando/embedding_providers.py``)."""
+    if settings.embedder in ("openai", "gemini"):
+        from xpando.embedding_providers import provider_embedder
+
+        return provider_embedder(settings)
     return get_embedder(settings.embedder, settings.embedding_model_dir)

@@ -177,10 +177,22 @@ class Settings(BaseSettings):
     )
 
     # --- embeddings (routing, Mother Core) ----------------------------------------------------
-    embedder: Literal["auto", "minilm", "hashing"] = Field(
+    embedder: Literal["auto", "minilm", "hashing", "openai", "gemini"] = Field(
         "auto",
         description="Sentence embedder: minilm (local all-MiniLM-L6-v2), hashing (lexical), "
-        "auto (minilm when installed, else hashing).",
+        "auto (minilm when installed, else hashing), openai or gemini (the provider's API).",
+    )
+    embedding_model: str | None = Field(
+        None, description="openai/gemini embedder: the model (default per provider)"
+    )
+    embedding_dimensions: int | None = Field(
+        None, ge=8, le=8192, description="openai/gemini embedder: vector size asked of the model"
+    )
+    embedding_base_url: str | None = Field(
+        None, description="openai/gemini embedder: API base URL (default the provider's)"
+    )
+    embedding_api_key: SecretStr | None = Field(
+        None, description="openai/gemini embedder: key (default OPENAI_API_KEY / GEMINI_API_KEY)"
     )
     embedding_model_dir: Path | None = Field(
         None,

@@ -17,6 +17,7 @@ from api.errors import ApiError
 from api.schemas import NodeList, NodeRegistered, NodeView, Region
 from xpando.contracts import NodeAction, NodeDomain, SignedNodeRequest
 from xpando.db import queries
+from xpando.embedding_providers import EmbeddingUnavailable
 from xpando.identity import RegistrationRejected
 
 router = APIRouter(prefix="/v1/nodes", tags=["nodes"])
@@ -126,3 +127,5 @@ async def _apply(registry: NodeRegistry, request: SignedNodeRequest) -> Register
         return await registry.apply(request)
     except RegistrationRejected as err:
         raise ApiError(err.status, err.code, err.message) from err
+    except EmbeddingUnavailable as err:  # a provider embedder (XPANDO_EMBEDDER) is down
+        raise ApiError(503, "embedding_unavailable", str(err)) from err
