@@ -74,6 +74,7 @@ from workers.core import (
 )
 from workers.nodes import FleetSpec, fleet_nodes, fleet_worker, register_fleet, rss_bytes
 from workflows.task import TaskWorkflow
+from xpando import temporal
 from xpando.contracts import NodeAction, NodeDomain, NodeProfile, RouteInput, TaskInput
 from xpando.db import create_engine, init_db, session_factory
 from xpando.db.models import Node
@@ -276,12 +277,15 @@ async def routing_speed(
 
 
 async def fleet(client: Client, settings: Settings, count: int) -> dict[str, float]:
+    # The fleet's own connection, with worker heartbeats every second (as `xpando worker nodes`
+    # sends them every XPANDO_NODE_HEARTBEAT_S), so the sweep below has them to list.
+    beating = await temporal.connect(settings, runtime=temporal.heartbeat_runtime(1.0))
     spec = FleetSpec(count=count, prefix=f"f{uuid.uuid4().hex[:4]}", regions=REGIONS)
     before = rss_bytes()
     nodes = fleet_nodes(spec, data_dir=settings.data_dir, keys=False)
-    workers = [fleet_worker(client, n) for n in nodes]
+    workers = [fleet_worker(beating, n) for n in nodes]
     runs = [asyncio.create_task(w.run()) for w in workers]
-    await asyncio.sleep(3)
+    await asyncio.sleep(4)
     after = rss_bytes()
     liveness = NodeLiveness(client, max_age_s=90, sweep_s=5)
     t = time.perf_counter()
@@ -409,22 +413,8 @@ async def main() -> None:
         await init_db(engine)
         await engine.dispose()
 
-        reg = await register_over_http(settings, args.nodes)
-        print(
-            f"registration of {args.nodes:,} nodes over POST /v1/nodes (signature check, nonce, "
-            f"embedding, upsert; 16 in flight): {reg['register_s']:.1f} s "
-            f"({args.nodes / reg['register_s']:.0f}/s; goal <= 60 s), {reg['failures']:.0f} "
-            f"refused; signing them (the nodes' side) {reg['sign_s']:.1f} s; one signature "
-            f"check {reg['verify_us']:.0f} us",
-            flush=True,
-        )
-        small = await routing_speed(env.client, settings, args.decisions)
-        _print_routing(small)
-        if args.big > args.nodes:
-            insert_s = await bulk_insert(settings, args.nodes, args.big)
-            print(f"bulk-inserted {args.big - args.nodes:,} more nodes in {insert_s:.1f} s")
-            big = await routing_speed(env.client, settings, args.decisions)
-            _print_routing(big, goal_p50=5.0, goal_p99=None)
+        if args.nodes:
+            await _routing_runs(env.client, settings, args)
         if args.fleet:
             f = await fleet(env.client, settings, args.fleet)
             print(
@@ -461,6 +451,25 @@ async def main() -> None:
     finally:
         await env.shutdown()
         shutil.rmtree(data, ignore_errors=True)
+
+
+async def _routing_runs(client: Client, settings: Settings, args: argparse.Namespace) -> None:
+    reg = await register_over_http(settings, args.nodes)
+    print(
+        f"registration of {args.nodes:,} nodes over POST /v1/nodes (signature check, nonce, "
+        f"embedding, upsert; 16 in flight): {reg['register_s']:.1f} s "
+        f"({args.nodes / reg['register_s']:.0f}/s; goal <= 60 s), {reg['failures']:.0f} "
+        f"refused; signing them (the nodes' side) {reg['sign_s']:.1f} s; one signature "
+        f"check {reg['verify_us']:.0f} us",
+        flush=True,
+    )
+    small = await routing_speed(client, settings, args.decisions)
+    _print_routing(small)
+    if args.big > args.nodes:
+        insert_s = await bulk_insert(settings, args.nodes, args.big)
+        print(f"bulk-inserted {args.big - args.nodes:,} more nodes in {insert_s:.1f} s")
+        big = await routing_speed(client, settings, args.decisions)
+        _print_routing(big, goal_p50=5.0, goal_p99=None)
 
 
 def _print_routing(
