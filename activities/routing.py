@@ -322,6 +322,12 @@ def explores(task_id: str, share: float) -> bool:
     return random.Random(seed).random() < share
 
 
+def _log_failure(task: asyncio.Task[None]) -> None:
+    """A background refresh that failed (the database is away): the next decision tries again."""
+    if not task.cancelled() and task.exception() is not None:
+        log.warning("routing index refresh failed", error=repr(task.exception()))
+
+
 # --- the index -----------------------------------------------------------------------------------
 
 
@@ -417,6 +423,7 @@ class RoutingIndex:
             return
         if self._background is None or self._background.done():
             self._background = asyncio.create_task(self.refresh())
+            self._background.add_done_callback(_log_failure)
 
     async def refresh(self, *, force: bool = False) -> None:
         if not force and time.monotonic() - self._last_refresh < self._refresh_every_s:

@@ -246,7 +246,7 @@ class NodeLiveness:
                 return
             try:
                 await self.sweep()
-            except RPCError as err:  # e.g. a server without worker heartbeats: pollers only
+            except (RPCError, RuntimeError) as err:  # e.g. a server without worker heartbeats
                 log.warning("listing worker heartbeats failed; using pollers", error=str(err))
                 self._beats = {}
                 self._swept_at = time.monotonic()
