@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -132,19 +132,7 @@ class TaskWorkflow:
 
         self._set_stage(TaskStage.ROUTING)
         try:
-            route: RouteResult = await workflow.execute_local_activity_method(
-                CoreActivities.route,
-                RouteInput(
-                    task_id=input.task_id,
-                    prompt=input.prompt,
-                    k=k,
-                    standbys=STANDBYS,
-                    domain=input.domain,
-                    regions=input.regions,
-                ),
-                start_to_close_timeout=CORE_STEP_TIMEOUT,
-                retry_policy=CORE_STEP_RETRY,
-            )
+            route = await self._route(input, k=k)
         except (ActivityError, ApplicationError) as err:
             # temporalio raises a local activity's ApplicationError as is (not wrapped in an
             # ActivityError): record the failed task either way (patched: older runs failed
@@ -408,24 +396,30 @@ class TaskWorkflow:
     async def _reroute(self, input: TaskInput, *, exclude: list[str]) -> list[RouteCandidate]:
         """More standbys: route again without the nodes already tried (none if none is left)."""
         try:
-            route: RouteResult = await workflow.execute_local_activity_method(
-                CoreActivities.route,
-                RouteInput(
-                    task_id=input.task_id,
-                    prompt=input.prompt,
-                    k=1,
-                    standbys=STANDBYS,
-                    domain=input.domain,
-                    regions=input.regions,
-                    exclude=list(exclude),
-                ),
-                start_to_close_timeout=CORE_STEP_TIMEOUT,
-                retry_policy=CORE_STEP_RETRY,
-            )
+            route = await self._route(input, k=1, exclude=exclude)
         except (ActivityError, ApplicationError) as err:  # a local activity raises the latter
             workflow.logger.info("no more standbys: %s", _reason(err))
             return []
         return [*route.chosen, *route.standbys]
+
+    async def _route(self, input: TaskInput, *, k: int, exclude: Sequence[str] = ()) -> RouteResult:
+        """One routing decision (a local activity on the core worker); raises when no expert
+        is available."""
+        route: RouteResult = await workflow.execute_local_activity_method(
+            CoreActivities.route,
+            RouteInput(
+                task_id=input.task_id,
+                prompt=input.prompt,
+                k=k,
+                standbys=STANDBYS,
+                domain=input.domain,
+                regions=input.regions,
+                exclude=list(exclude),
+            ),
+            start_to_close_timeout=CORE_STEP_TIMEOUT,
+            retry_policy=CORE_STEP_RETRY,
+        )
+        return route
 
     async def _report(self, contribution: Contribution) -> None:
         """Count an ask's outcome for the circuit breakers (advisory: never fails the task)."""
@@ -540,20 +534,7 @@ class TaskWorkflow:
         """The confirming expert had no answer: ask the rest of the panel (not the ones asked)."""
         asked = [c.node_id for c in contributions]
         try:
-            route: RouteResult = await workflow.execute_local_activity_method(
-                CoreActivities.route,
-                RouteInput(
-                    task_id=input.task_id,
-                    prompt=input.prompt,
-                    k=max(1, input.k - len(asked)),
-                    standbys=STANDBYS,
-                    domain=input.domain,
-                    regions=input.regions,
-                    exclude=asked,
-                ),
-                start_to_close_timeout=CORE_STEP_TIMEOUT,
-                retry_policy=CORE_STEP_RETRY,
-            )
+            route = await self._route(input, k=max(1, input.k - len(asked)), exclude=asked)
         except (ActivityError, ApplicationError):
             return contributions  # nobody else to ask: aggregate what we have
         self._chosen.extend(c.node_id for c in route.chosen)
