@@ -7,8 +7,8 @@ import json
 import os
 import socket
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 
 import pytest
@@ -18,6 +18,7 @@ from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
 
+from xpando.contracts import NodeProfile
 from xpando.db import SessionFactory, create_engine, init_db, session_factory
 from xpando.devserver import dynamic_config_args, temporal_cli
 from xpando.settings import Settings
@@ -257,3 +258,38 @@ async def any_engine(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIte
 
             await conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
         await admin.dispose()
+
+
+@asynccontextmanager
+async def offline_network(
+    client: Client,
+    settings: Settings,
+    sessions: SessionFactory,
+    corpus_dir: Path,
+    nodes: Sequence[tuple[str, str]],
+) -> AsyncIterator[list[NodeProfile]]:
+    """A core worker plus one offline node per (domain, region) over the test corpora,
+    registered through the core and polling: the network most workflow tests run on."""
+    from workers.core import build_core_worker
+    from workers.node import NodeSpec, build_node, build_node_worker, register
+
+    async with AsyncExitStack() as stack:
+        await stack.enter_async_context(
+            build_core_worker(client, sessions=sessions, settings=settings)
+        )
+        profiles = []
+        for domain, region in nodes:
+            spec = NodeSpec(
+                node_id=f"{domain}-{uuid.uuid4().hex[:8]}",
+                region=region,
+                domain=domain,
+                corpus=corpus_dir / f"{domain}.jsonl",
+            )
+            profile, provider = build_node(spec, data_dir=settings.data_dir)
+            await stack.enter_async_context(
+                build_node_worker(client, profile=profile, provider=provider)
+            )
+            await register(client, profile, core_task_queue=settings.core_task_queue)
+            profiles.append(profile)
+        await wait_live(client, *(p.task_queue for p in profiles))
+        yield profiles

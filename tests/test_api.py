@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import AsyncIterator
-from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any
 
@@ -14,9 +13,7 @@ from fastapi import FastAPI
 from temporalio.client import Client
 
 from api.main import create_app
-from tests.conftest import wait_for, wait_live
-from workers.core import build_core_worker
-from workers.node import NodeSpec, build_node, build_node_worker, register
+from tests.conftest import offline_network, wait_for
 from xpando.db import SessionFactory, create_engine
 from xpando.settings import Settings
 
@@ -111,26 +108,8 @@ async def test_submit_poll_and_idempotency_over_http(
     sessions: SessionFactory,
     corpus_dir: Path,
 ) -> None:
-    async with AsyncExitStack() as stack:
-        await stack.enter_async_context(
-            build_core_worker(client, sessions=sessions, settings=settings)
-        )
-        queues = []
-        for i, (domain, region) in enumerate([("cooking", "eu-west"), ("gardening", "us-east")]):
-            spec = NodeSpec(
-                node_id=f"api-{i}-{uuid.uuid4().hex[:6]}",
-                region=region,
-                domain=domain,
-                corpus=corpus_dir / f"{domain}.jsonl",
-            )
-            profile, provider = build_node(spec, data_dir=settings.data_dir)
-            await stack.enter_async_context(
-                build_node_worker(client, profile=profile, provider=provider)
-            )
-            await register(client, profile, core_task_queue=settings.core_task_queue)
-            queues.append(profile.task_queue)
-        await wait_live(client, *queues)
-
+    nodes = [("cooking", "eu-west"), ("gardening", "us-east")]
+    async with offline_network(client, settings, sessions, corpus_dir, nodes):
         nodes = (await api.get("/v1/nodes")).json()
         assert nodes["count"] == 2 and all(n["live"] for n in nodes["nodes"])
         assert {n["region"] for n in nodes["nodes"]} == {"eu-west", "us-east"}

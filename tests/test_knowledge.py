@@ -18,9 +18,8 @@ from temporalio.worker import Worker
 
 from activities.knowledge import KnowledgeActivities, knowledge_workflow_id
 from api.main import create_app
-from tests.conftest import wait_for, wait_live
+from tests.conftest import offline_network, wait_for, wait_live
 from workers.core import build_core_worker, build_knowledge_index
-from workers.node import NodeSpec, build_node, build_node_worker, register
 from workflows.knowledge import KnowledgeWorkflow
 from workflows.task import TaskWorkflow
 from xpando.contracts import (
@@ -53,26 +52,9 @@ PARAPHRASE = "How long should I boil an egg so it stays soft?"
 async def network(
     client: Client, settings: Settings, sessions: SessionFactory, corpus_dir: Path
 ) -> AsyncIterator[list[str]]:
-    async with AsyncExitStack() as stack:
-        await stack.enter_async_context(
-            build_core_worker(client, sessions=sessions, settings=settings)
-        )
-        node_ids = []
-        for domain, region in (("cooking", "eu-west"), ("astronomy", "us-east")):
-            spec = NodeSpec(
-                node_id=f"{domain}-{uuid.uuid4().hex[:6]}",
-                region=region,
-                domain=domain,
-                corpus=corpus_dir / f"{domain}.jsonl",
-            )
-            profile, provider = build_node(spec, data_dir=settings.data_dir)
-            await stack.enter_async_context(
-                build_node_worker(client, profile=profile, provider=provider)
-            )
-            await register(client, profile, core_task_queue=settings.core_task_queue)
-            node_ids.append(profile.node_id)
-        await wait_live(client, *(f"node.{n}" for n in node_ids))
-        yield node_ids
+    nodes = [("cooking", "eu-west"), ("astronomy", "us-east")]
+    async with offline_network(client, settings, sessions, corpus_dir, nodes) as profiles:
+        yield [p.node_id for p in profiles]
 
 
 async def _task(

@@ -5,8 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import uuid
-from collections.abc import AsyncIterator
-from contextlib import AsyncExitStack, asynccontextmanager
+from contextlib import AbstractAsyncContextManager, AsyncExitStack
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -16,9 +15,8 @@ from temporalio.client import Client, WorkflowFailureError
 from temporalio.exceptions import ApplicationError
 from temporalio.worker import Worker
 
-from tests.conftest import wait_for, wait_live
+from tests.conftest import offline_network, wait_for, wait_live
 from workers.core import build_core_worker
-from workers.node import NodeSpec, build_node, build_node_worker, register
 from workflows.task import TaskWorkflow
 from xpando.contracts import (
     AnswerInput,
@@ -41,35 +39,14 @@ def _ids(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:8]}"
 
 
-@asynccontextmanager
-async def network(
+def network(
     client: Client,
     settings: Settings,
     sessions: SessionFactory,
     corpus_dir: Path,
     nodes: list[tuple[str, str]],
-) -> AsyncIterator[list[NodeProfile]]:
-    """A core worker plus one offline node per (domain, region), registered and live."""
-    async with AsyncExitStack() as stack:
-        await stack.enter_async_context(
-            build_core_worker(client, sessions=sessions, settings=settings)
-        )
-        profiles = []
-        for domain, region in nodes:
-            spec = NodeSpec(
-                node_id=_ids(domain),
-                region=region,
-                domain=domain,
-                corpus=corpus_dir / f"{domain}.jsonl",
-            )
-            profile, provider = build_node(spec, data_dir=settings.data_dir)
-            await stack.enter_async_context(
-                build_node_worker(client, profile=profile, provider=provider)
-            )
-            await register(client, profile, core_task_queue=settings.core_task_queue)
-            profiles.append(profile)
-        await wait_live(client, *(p.task_queue for p in profiles))
-        yield profiles
+) -> AbstractAsyncContextManager[list[NodeProfile]]:
+    return offline_network(client, settings, sessions, corpus_dir, nodes)
 
 
 async def _run(
