@@ -14,6 +14,7 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 from xpando.db import ledger_models, models  # noqa: F401  (registers the tables)
 
 SessionFactory = async_sessionmaker[AsyncSession]
+SQLITE_CONNECTIONS = 1
 
 
 def create_engine(dsn: str, *, echo: bool = False) -> AsyncEngine:
@@ -25,6 +26,12 @@ def create_engine(dsn: str, *, echo: bool = False) -> AsyncEngine:
         if path and path != ":memory:":
             Path(path).parent.mkdir(parents=True, exist_ok=True)
         kwargs["connect_args"] = {"timeout": 30}
+        if path and path != ":memory:":
+            # SQLite has one writer at a time: sessions of one process queue for one connection
+            # (an asyncio wait) instead of contending for the file lock (SQLite's busy handler
+            # sleeps up to 100 ms a try, and a read that turns into a write can fail at once).
+            # Other processes (the API, other workers) still read in parallel through WAL.
+            kwargs.update(pool_size=SQLITE_CONNECTIONS, max_overflow=0, pool_timeout=120)
     else:
         kwargs.update(pool_pre_ping=True, pool_size=10, max_overflow=10)
     engine = create_async_engine(dsn, **kwargs)
