@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from datetime import UTC, datetime
 
 import numpy as np
 from numpy.typing import NDArray
+from sqlmodel.ext.asyncio.session import AsyncSession
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
@@ -22,6 +24,7 @@ from xpando.contracts import (
     BreakerState,
     ExpertOutcomeInput,
     ExpertOutcomeResult,
+    KnowledgeItemInput,
     KnowledgeSnippet,
     PlanInput,
     PlanResult,
@@ -57,6 +60,8 @@ class CoreActivities:
     """Activities of the Mother Core. Receives its clients; never builds them.
 
     ``aggregator``: the model that writes ``synthesize`` answers (None: extractive synthesis).
+    ``publish``: hands a task's knowledge item to its domain's KnowledgeWorkflow (``record``
+    calls it; ``KnowledgeActivities.publish``).
     """
 
     def __init__(
@@ -70,8 +75,10 @@ class CoreActivities:
         routing_index: routing.RoutingIndex | None = None,
         registry: NodeRegistry | None = None,
         reputation: ReputationParams | None = None,
+        publish: Callable[[KnowledgeItemInput], Awaitable[object]] | None = None,
     ) -> None:
         self._sessions = sessions
+        self._publish = publish
         self._breakers = breakers or breaker.BreakerPolicy()
         self._liveness = liveness
         self._knowledge = knowledge
@@ -434,17 +441,72 @@ class CoreActivities:
     @activity.defn(name="record")
     async def record(self, input: RecordInput) -> RecordResult:
         """Persist the task, its contributions and its knowledge item (idempotent upserts)."""
+        now = datetime.now(UTC)
+        moved: list[str] = []
         async with self._sessions() as session:
-            result = await queries.record_task(session=session, record=input, now=datetime.now(UTC))
-        if input.status == TaskStage.COMPLETED and input.contributions:
-            async with self._sessions() as session:
+            result = await queries.record_task(session=session, record=input, now=now)
+            if input.status == TaskStage.COMPLETED and input.contributions:
                 moved = await node_queries.apply_reputation(
-                    session=session, record=input, params=self._reputation, now=datetime.now(UTC)
+                    session=session, record=input, params=self._reputation, now=now
                 )
-            if moved:
-                log.info("reputation updated", task_id=input.task_id, nodes=moved)
+            if input.outcomes:
+                await self._count_outcomes(session, input.outcomes, now)
+        if moved:
+            log.info("reputation updated", task_id=input.task_id, nodes=moved)
+        if input.publish is not None:
+            if self._publish is None:
+                log.warning("no knowledge publisher: item not published", task_id=input.task_id)
+            else:
+                await self._publish(input.publish)
         log.info("recorded", task_id=input.task_id, status=input.status.value)
         return result
+
+    async def _count_outcomes(
+        self, session: AsyncSession, outcomes: list[ExpertOutcomeInput], now: datetime
+    ) -> None:
+        """Outcomes handed to ``record`` (asks that ended well): one batch for the breakers."""
+        healthy: set[str] = set()
+        rows = []
+        for o in outcomes:
+            failing, closes = self._breakers.effects(
+                node_id=o.node_id,
+                provider=o.provider,
+                region=o.region,
+                ok=o.ok,
+                error_type=o.error_type,
+            )
+            if failing or not o.ok:  # not what record is handed; count it the full way
+                await queries.record_expert_outcome(
+                    session=session,
+                    event_id=o.event_id,
+                    task_id=o.task_id,
+                    node_id=o.node_id,
+                    provider=o.provider,
+                    region=o.region,
+                    ok=o.ok,
+                    error_type=o.error_type,
+                    error=o.error,
+                    effects=failing,
+                    healthy=closes,
+                    cooldown_s=self._breakers.cooldown.total_seconds(),
+                    now=now,
+                )
+                continue
+            healthy.update(closes)
+            rows.append(
+                {
+                    "event_id": o.event_id,
+                    "task_id": o.task_id,
+                    "node_id": o.node_id,
+                    "provider": o.provider,
+                    "region": o.region,
+                    "error_type": o.error_type,
+                }
+            )
+        await queries.record_expert_successes(
+            session=session, outcomes=rows, healthy=sorted(healthy), now=now
+        )
+        self._troubled = None  # the next decision reads the breakers again
 
     @activity.defn(name="register_node")
     async def register_node(self, input: RegisterNodeInput) -> RegisterNodeResult:

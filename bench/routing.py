@@ -336,6 +336,7 @@ async def workflows(
                 ),
                 id=task_id,
                 task_queue=settings.core_task_queue,
+                search_attributes=temporal.initial_task_attributes(None),  # as the API starts it
             )
 
         async def baseline() -> None:

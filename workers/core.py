@@ -114,6 +114,7 @@ def build_core_worker(
     payouts = payouts or build_payout_activities(sessions=sessions, settings=settings)
     queue = task_queue or settings.core_task_queue
     index = build_knowledge_index(sessions, settings)
+    knowledge = KnowledgeActivities(sessions=sessions, index=index, client=client, task_queue=queue)
     core = CoreActivities(
         sessions=sessions,
         liveness=build_liveness(client, settings),
@@ -125,8 +126,8 @@ def build_core_worker(
         reputation=ReputationParams(
             prior=settings.reputation_prior, alpha=settings.reputation_alpha
         ),
+        publish=knowledge.publish,
     )
-    knowledge = KnowledgeActivities(sessions=sessions, index=index, client=client, task_queue=queue)
     return Worker(
         client,
         task_queue=queue,

@@ -8,7 +8,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from temporalio import workflow
-from temporalio.common import RetryPolicy
+from temporalio.common import RetryPolicy, SearchAttributeUpdate
 from temporalio.exceptions import (
     ActivityError,
     ApplicationError,
@@ -83,10 +83,19 @@ PATCH_KNOWLEDGE_CONFIRM = "knowledge-confirm"
 PATCH_RECORD_ROUTE_FAILURE = "record-route-failure"
 PATCH_KNOWLEDGE_PUBLISH = "knowledge-publish"
 PATCH_QUORUM = "quorum-fan-out"
+# Fewer commands and events per task (see _patched): successful asks' outcomes go to the breakers
+# with the record, asks started together share one hedge timer, search attributes are upserted
+# only when they change, and the record step publishes the knowledge item. A run with this patch
+# took every older patch's path, so it records this one marker instead of seven.
+PATCH_LEAN = "lean-task"
 KNOWLEDGE_CONTEXT_ITEMS = 3
 
 
-@workflow.defn
+# Not sandboxed: this is the network's hot path, and the sandbox costs each run a re-import of
+# this module and a sandboxed code execution per payload converted (over a fifth of the core
+# worker's CPU per task). The module imports only deterministic code (contracts, helpers, all
+# passed through anyway); tests/test_replay.py replays committed histories to keep it honest.
+@workflow.defn(sandboxed=False)
 class TaskWorkflow:
     def __init__(self) -> None:
         self._task_id = ""
@@ -97,11 +106,19 @@ class TaskWorkflow:
         self._failed = 0
         self._error: str | None = None
         self._status = ""
+        self._lean = False
+        self._listed_domain: str | None = None  # XpandoDomain as last set (lean runs)
+        self._succeeded: list[Contribution] = []  # asks whose outcome goes with the record
 
     @workflow.run
     async def run(self, input: TaskInput) -> TaskResult:
+        self._lean = workflow.patched(PATCH_LEAN)
         self._task_id = input.task_id
         self._domain = input.domain
+        if self._lean:  # what the task was started with (the API and CLI set both)
+            started = workflow.info().typed_search_attributes
+            self._status = started.get(sa.STATUS) or ""
+            self._listed_domain = started.get(sa.DOMAIN)
         self._set_stage(TaskStage.PLANNING)
 
         plan: PlanResult = await workflow.execute_local_activity_method(
@@ -116,7 +133,7 @@ class TaskWorkflow:
             start_to_close_timeout=CORE_STEP_TIMEOUT,
             retry_policy=CORE_STEP_RETRY,
         )
-        if plan.reuse is not None and workflow.patched(PATCH_KNOWLEDGE_REUSE):
+        if plan.reuse is not None and self._patched(PATCH_KNOWLEDGE_REUSE):
             return await self._answer_from_knowledge(input, plan.reuse)
 
         # A related item is known: one expert, given it as context, answers first; the full
@@ -125,7 +142,7 @@ class TaskWorkflow:
         confirming = (
             plan.suggested_k is not None
             and plan.suggested_k < input.k
-            and workflow.patched(PATCH_KNOWLEDGE_CONFIRM)
+            and self._patched(PATCH_KNOWLEDGE_CONFIRM)
         )
         if confirming and plan.suggested_k is not None:
             k = plan.suggested_k
@@ -137,17 +154,18 @@ class TaskWorkflow:
             # temporalio raises a local activity's ApplicationError as is (not wrapped in an
             # ActivityError): record the failed task either way (patched: older runs failed
             # without recording).
-            if isinstance(err, ActivityError) or workflow.patched(PATCH_RECORD_ROUTE_FAILURE):
+            if isinstance(err, ActivityError) or self._patched(PATCH_RECORD_ROUTE_FAILURE):
                 await self._fail(input, _reason(err), [], type="NoExpertsAvailable")
             raise
         self._domain = route.domain
         self._chosen = [c.node_id for c in route.chosen]
-        workflow.upsert_search_attributes(
-            [
-                sa.DOMAIN.value_set(self._domain or "general"),
-                sa.NODES.value_set(self._chosen),
-            ]
-        )
+        listed = self._domain or "general"
+        updates: list[SearchAttributeUpdate[Any]] = []
+        if not self._lean or listed != self._listed_domain:
+            self._listed_domain = listed
+            updates.append(sa.DOMAIN.value_set(listed))
+        updates.append(sa.NODES.value_set(self._chosen))
+        workflow.upsert_search_attributes(updates)
 
         self._set_stage(TaskStage.ANSWERING)
         contributions = await self._fan_out(input, route, plan)
@@ -183,9 +201,11 @@ class TaskWorkflow:
             )
             if winner is not None and domains.get(winner.node_id):
                 self._domain = domains[winner.node_id][0]
-                workflow.upsert_search_attributes([sa.DOMAIN.value_set(self._domain)])
+                if not self._lean:  # lean: listed with the final status
+                    workflow.upsert_search_attributes([sa.DOMAIN.value_set(self._domain)])
 
         self._set_stage(TaskStage.RECORDING)
+        learned = aggregated.confidence > 0
         await self._record(
             RecordInput(
                 task_id=input.task_id,
@@ -195,10 +215,12 @@ class TaskWorkflow:
                 answer=aggregated.answer,
                 confidence=aggregated.confidence,
                 contributions=aggregated.contributions,
+                outcomes=[self._outcome(c) for c in self._succeeded],
+                publish=self._knowledge_item(input, aggregated) if learned and self._lean else None,
             )
         )
-        if workflow.patched(PATCH_KNOWLEDGE_PUBLISH) and aggregated.confidence > 0:
-            await self._publish_knowledge(input, aggregated)
+        if not self._lean and workflow.patched(PATCH_KNOWLEDGE_PUBLISH) and learned:
+            await self._publish_knowledge(self._knowledge_item(input, aggregated))
         self._set_stage(TaskStage.COMPLETED)
         return TaskResult(
             task_id=input.task_id,
@@ -236,10 +258,11 @@ class TaskWorkflow:
         to a standby at once; an expert still working after the hedge deadline gets a standby
         asked in parallel, and the first answer wins (the other call is cancelled). A standby is
         preferably of a provider that has not failed in this task; when standbys run out the
-        task is routed again, excluding every node tried. Every ask's outcome is reported to the
-        circuit breakers as soon as it ends.
+        task is routed again, excluding every node tried. A failed ask is reported to the circuit
+        breakers as soon as it ends; one that ended well is counted by the record step (before
+        PATCH_LEAN: also at once).
         """
-        if not workflow.patched(PATCH_EXPERT_FAILOVER):
+        if not self._patched(PATCH_EXPERT_FAILOVER):
             return await self._fan_out_without_failover(input, route, plan)
         retry = _answer_retry(input.answer_policy)
         hedge_after = _hedge_after(input.answer_policy)
@@ -249,6 +272,33 @@ class TaskWorkflow:
         results: list[Contribution] = []
         reroutes = 0
         standby_lock = asyncio.Lock()
+        # Lean runs: asks launched at the same moment share one hedge timer (one timer for the
+        # whole first fan-out, not one per expert); it is cancelled once none of them waits on it.
+        hedge_timers: dict[datetime, tuple[asyncio.Task[None], list[int]]] = {}
+
+        def hedge_timer() -> asyncio.Task[None]:
+            if not self._lean:
+                return asyncio.create_task(workflow.sleep(hedge_after))
+            now = workflow.now()
+            timer, users = hedge_timers.get(now) or (None, [0])
+            if timer is None or timer.done():
+                timer, users = asyncio.create_task(workflow.sleep(hedge_after)), [0]
+                hedge_timers[now] = (timer, users)
+            users[0] += 1
+            return timer
+
+        def release(timer: asyncio.Task[None]) -> None:
+            if not self._lean:
+                timer.cancel()
+                return
+            for at, (shared, users) in list(hedge_timers.items()):
+                if shared is timer:
+                    users[0] -= 1
+                    if users[0] <= 0:
+                        timer.cancel()
+                        del hedge_timers[at]
+                    return
+            timer.cancel()
 
         async def next_standby(busy: list[str]) -> RouteCandidate | None:
             """The next standby, preferring a provider that has neither failed in this task
@@ -280,7 +330,7 @@ class TaskWorkflow:
             def launch(candidate: RouteCandidate) -> None:
                 ask = asyncio.create_task(self._ask(input, candidate, plan, retry=retry))
                 running[ask] = candidate
-                timers[ask] = asyncio.create_task(workflow.sleep(hedge_after))
+                timers[ask] = hedge_timer()
                 started[ask] = workflow.now()
 
             launch(first)
@@ -295,7 +345,7 @@ class TaskWorkflow:
                 ended: list[Contribution] = []
                 for ask in [t for t in running if t.done()]:
                     candidate = running.pop(ask)
-                    timers.pop(ask).cancel()
+                    release(timers.pop(ask))
                     contribution = ask.result()
                     ended.append(contribution)
                     results.append(contribution)
@@ -323,7 +373,7 @@ class TaskWorkflow:
                 stopping.cancel()
             for ask, candidate in running.items():  # a faster expert answered: stop the others
                 ask.cancel()
-                timers[ask].cancel()
+                release(timers[ask])
                 overdue = ask in hedged
                 elapsed = workflow.now() - started[ask]
                 if not won:  # the task reached its quorum or deadline without this slot
@@ -351,7 +401,7 @@ class TaskWorkflow:
             return won
 
         quorum = _quorum(input, len(route.chosen))
-        if quorum is not None and workflow.patched(PATCH_QUORUM):
+        if quorum is not None and self._patched(PATCH_QUORUM):
             await self._until_quorum(input, quorum, slot, route.chosen)
         else:
             await asyncio.gather(*(slot(c) for c in route.chosen))
@@ -423,20 +473,13 @@ class TaskWorkflow:
 
     async def _report(self, contribution: Contribution) -> None:
         """Count an ask's outcome for the circuit breakers (advisory: never fails the task)."""
-        info = workflow.info()
+        if self._lean and contribution.status != ContributionStatus.FAILED:
+            self._succeeded.append(contribution)  # counted by the record step
+            return
         try:
             await workflow.execute_local_activity_method(
                 CoreActivities.report_outcome,
-                ExpertOutcomeInput(
-                    event_id=f"{info.workflow_id}:{info.run_id}:{contribution.node_id}",
-                    task_id=self._task_id,
-                    node_id=contribution.node_id,
-                    provider=contribution.provider,
-                    region=contribution.region,
-                    ok=contribution.status != ContributionStatus.FAILED,
-                    error_type=contribution.error_type,
-                    error=contribution.error,
-                ),
+                self._outcome(contribution),
                 start_to_close_timeout=CORE_STEP_TIMEOUT,
                 retry_policy=OUTCOME_RETRY,
             )
@@ -545,7 +588,7 @@ class TaskWorkflow:
         """A confident match in stored knowledge answers the task: no experts, no provider cost."""
         self._set_stage(TaskStage.RECORDING)
         self._domain = input.domain or reuse.domain
-        if self._domain:
+        if self._domain and not self._lean:  # lean: listed with the final status
             workflow.upsert_search_attributes([sa.DOMAIN.value_set(self._domain)])
         await self._record(
             RecordInput(
@@ -570,23 +613,28 @@ class TaskWorkflow:
             reused=reuse,
         )
 
-    async def _publish_knowledge(self, input: TaskInput, aggregated: AggregateResult) -> None:
-        """Signal-with-start the domain's KnowledgeWorkflow with what this task learned."""
+    def _knowledge_item(self, input: TaskInput, aggregated: AggregateResult) -> KnowledgeItemInput:
+        """What this task learned, for the domain's KnowledgeWorkflow."""
+        return KnowledgeItemInput(
+            task_id=input.task_id,
+            question=input.prompt,
+            answer=aggregated.answer,
+            domain=self._domain or "general",
+            confidence=aggregated.confidence,
+            nodes=[
+                ProvenanceNode(node_id=c.node_id, quality=c.quality)
+                for c in aggregated.contributions
+                if c.status == ContributionStatus.OK
+            ],
+            completed_at=workflow.now(),
+        )
+
+    async def _publish_knowledge(self, item: KnowledgeItemInput) -> None:
+        """Before PATCH_LEAN: signal-with-start the domain's KnowledgeWorkflow in a step of its
+        own (lean runs hand the item to the record step)."""
         await workflow.execute_local_activity_method(
             KnowledgeActivities.publish,
-            KnowledgeItemInput(
-                task_id=input.task_id,
-                question=input.prompt,
-                answer=aggregated.answer,
-                domain=self._domain or "general",
-                confidence=aggregated.confidence,
-                nodes=[
-                    ProvenanceNode(node_id=c.node_id, quality=c.quality)
-                    for c in aggregated.contributions
-                    if c.status == ContributionStatus.OK
-                ],
-                completed_at=workflow.now(),
-            ),
+            item,
             start_to_close_timeout=CORE_STEP_TIMEOUT,
             retry_policy=RECORD_RETRY,
         )
@@ -616,15 +664,39 @@ class TaskWorkflow:
         self._set_stage(TaskStage.FAILED)
         raise ApplicationError(reason, type=type, non_retryable=True)
 
+    def _patched(self, patch_id: str) -> bool:
+        """``workflow.patched`` for the patches older than PATCH_LEAN: a lean run took all of
+        their new paths and records no marker for them (replays of older runs still ask)."""
+        return self._lean or workflow.patched(patch_id)
+
+    def _outcome(self, contribution: Contribution) -> ExpertOutcomeInput:
+        info = workflow.info()
+        return ExpertOutcomeInput(
+            event_id=f"{info.workflow_id}:{info.run_id}:{contribution.node_id}",
+            task_id=self._task_id,
+            node_id=contribution.node_id,
+            provider=contribution.provider,
+            region=contribution.region,
+            ok=contribution.status != ContributionStatus.FAILED,
+            error_type=contribution.error_type,
+            error=contribution.error,
+        )
+
     def _set_stage(self, stage: TaskStage) -> None:
         self._stage = stage
         status = {
             TaskStage.COMPLETED: "completed",
             TaskStage.FAILED: "failed",
         }.get(stage, "running")
-        if status != self._status:
-            self._status = status
-            workflow.upsert_search_attributes([sa.STATUS.value_set(status)])
+        if status == self._status:
+            return
+        self._status = status
+        updates: list[SearchAttributeUpdate[Any]] = [sa.STATUS.value_set(status)]
+        listed = self._domain or "general"
+        if self._lean and status != "running" and listed != self._listed_domain:
+            self._listed_domain = listed
+            updates.append(sa.DOMAIN.value_set(listed))
+        workflow.upsert_search_attributes(updates)
 
 
 def _answer_retry(policy: AnswerPolicy | None) -> RetryPolicy:

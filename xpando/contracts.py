@@ -330,6 +330,13 @@ class RecordInput(Contract):
     error: str | None = None
     contributions: list[Contribution] = Field(default_factory=list)
     reused_knowledge_id: str | None = None
+    outcomes: list[ExpertOutcomeInput] = Field(
+        default_factory=list,
+        description="Asks that ended well, counted for the circuit breakers with the record",
+    )
+    publish: KnowledgeItemInput | None = Field(
+        default=None, description="What the task learned, for the domain's KnowledgeWorkflow"
+    )
 
 
 class RecordResult(Contract):
@@ -470,3 +477,6 @@ class BreakerView(Contract):
 class ExpertOutcomeResult(Contract):
     recorded: bool  # False: a retried report that had already been counted
     breakers: list[BreakerView] = Field(default_factory=list)
+
+
+RecordInput.model_rebuild()  # refers to contracts defined after it

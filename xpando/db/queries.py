@@ -401,6 +401,49 @@ async def record_expert_outcome(
     return True
 
 
+async def record_expert_successes(
+    *,
+    session: AsyncSession,
+    outcomes: Sequence[dict[str, Any]],
+    healthy: Sequence[str],
+    now: datetime,
+) -> list[str]:
+    """Log asks that ended well and close the breakers they vouch for, in two statements
+    whatever their number: the outcome rows are inserted at once (``ON CONFLICT DO NOTHING …
+    RETURNING`` names the new ones: a retried record counts nothing twice), then one UPDATE
+    closes ``healthy`` (the node and provider breakers of the new ones). Returns the event ids
+    logged now. Commits."""
+    if not outcomes:
+        return []
+    dialect = session.bind.dialect.name if session.bind is not None else "sqlite"
+    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    table: Any = ExpertOutcome.__table__  # type: ignore[attr-defined]
+    rows = [{**o, "ok": True, "created_at": now} for o in outcomes]
+    inserted = await session.exec(
+        insert(table)
+        .values(rows)
+        .on_conflict_do_nothing(index_elements=["event_id"])
+        .returning(table.c.event_id)
+    )
+    new = [row[0] for row in inserted.all()]
+    if new and healthy:
+        c = Breaker.__table__.c  # type: ignore[attr-defined]
+        await session.exec(
+            update(Breaker.__table__)  # type: ignore[attr-defined]
+            .where(col(c.key).in_(list(healthy)))
+            .values(
+                consecutive_failures=0,
+                state="closed",
+                open_until=None,
+                probe_until=None,
+                probe_task=None,
+                updated_at=now,
+            )
+        )
+    await session.commit()
+    return new
+
+
 async def claim_probe(
     *, session: AsyncSession, key: str, task_id: str, now: datetime, lease_s: float
 ) -> bool:
