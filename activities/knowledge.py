@@ -484,8 +484,15 @@ class KnowledgeActivities:
             async with self._sessions() as session:
                 for item, vec in zip(input.items, vectors, strict=True):
                     kid = f"kn-{item.task_id}"
-                    if await session.get(Knowledge, kid) is not None:
-                        continue  # a retried batch: this item is stored already
+                    stored = await session.get(Knowledge, kid)
+                    if stored is not None:
+                        # A retried batch (or a local activity run again after its workflow
+                        # task failed): stored already; count it as the first run did.
+                        if stored.merged_into is not None:
+                            merged += 1
+                        else:
+                            added += 1
+                        continue
                     prov = Provenance(
                         task_id=item.task_id, confidence=item.confidence, nodes=item.nodes, at=now
                     ).model_dump(mode="json")
