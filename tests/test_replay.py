@@ -2,7 +2,8 @@
 
 Re-record after an intended, patched change with
 ``XPANDO_RECORD_HISTORIES=1 pytest tests/test_task_workflow.py -k domain_expert``
-(and keep the old file too, so both code paths stay covered).
+(and keep the old file too, so both code paths stay covered: e.g. ``task_workflow_v2.json``
+is a run from before the ``lean-task`` patch, ``task_workflow_v2_lean.json`` one with it).
 """
 
 from __future__ import annotations
@@ -41,6 +42,12 @@ def test_every_workflow_has_a_recorded_history() -> None:
         "payout_saga_workflow",  # an approval update, paid batches, reconciliation
         "payout_saga_compensation",  # transfers refused mid-epoch, carried over
         "payout_saga_tick",  # a Schedule tick starting one saga per due epoch
+        # the lean-task / knowledge-lean patches (the files above keep the older paths)
+        "task_workflow_v2_lean",
+        "task_workflow_reused_lean",
+        "task_workflow_failover_lean",
+        "task_workflow_quorum_lean",
+        "knowledge_workflow_lean",
     }
 
 
