@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
@@ -442,22 +443,39 @@ class CoreActivities:
     async def record(self, input: RecordInput) -> RecordResult:
         """Persist the task, its contributions and its knowledge item (idempotent upserts)."""
         now = datetime.now(UTC)
-        moved: list[str] = []
-        async with self._sessions() as session:
-            result = await queries.record_task(session=session, record=input, now=now)
-            if input.status == TaskStage.COMPLETED and input.contributions:
-                moved = await node_queries.apply_reputation(
-                    session=session, record=input, params=self._reputation, now=now
+
+        async def write() -> tuple[RecordResult, list[str]]:
+            moved: list[str] = []
+            async with self._sessions() as session:  # one transaction
+                result = await queries.record_task(
+                    session=session, record=input, now=now, commit=False
                 )
-            if input.outcomes:
-                await self._count_outcomes(session, input.outcomes, now)
-        if moved:
-            log.info("reputation updated", task_id=input.task_id, nodes=moved)
-        if input.publish is not None:
+                if input.status == TaskStage.COMPLETED and input.contributions:
+                    moved = await node_queries.apply_reputation(
+                        session=session,
+                        record=input,
+                        params=self._reputation,
+                        now=now,
+                        commit=False,
+                    )
+                if input.outcomes:
+                    await self._count_outcomes(session, input.outcomes, now)
+                await session.commit()
+            return result, moved
+
+        async def publish() -> None:
+            if input.publish is None:
+                return
             if self._publish is None:
                 log.warning("no knowledge publisher: item not published", task_id=input.task_id)
-            else:
-                await self._publish(input.publish)
+                return
+            await self._publish(input.publish)
+
+        # The signal-with-start and the database writes are independent (each idempotent, and
+        # a failure of either retries the step): run them side by side.
+        (result, moved), _ = await asyncio.gather(write(), publish())
+        if moved:
+            log.info("reputation updated", task_id=input.task_id, nodes=moved)
         log.info("recorded", task_id=input.task_id, status=input.status.value)
         return result
 
@@ -503,10 +521,11 @@ class CoreActivities:
                     "error_type": o.error_type,
                 }
             )
-        await queries.record_expert_successes(
-            session=session, outcomes=rows, healthy=sorted(healthy), now=now
+        _, changed = await queries.record_expert_successes(
+            session=session, outcomes=rows, healthy=sorted(healthy), now=now, commit=False
         )
-        self._troubled = None  # the next decision reads the breakers again
+        if changed or len(rows) < len(outcomes):
+            self._troubled = None  # the next decision reads the breakers again
 
     @activity.defn(name="register_node")
     async def register_node(self, input: RegisterNodeInput) -> RegisterNodeResult:

@@ -290,7 +290,12 @@ REPUTATION_COUNTS = (ContributionStatus.OK, ContributionStatus.NO_ANSWER)
 
 
 async def apply_reputation(
-    *, session: AsyncSession, record: RecordInput, params: ReputationParams, now: datetime
+    *,
+    session: AsyncSession,
+    record: RecordInput,
+    params: ReputationParams,
+    now: datetime,
+    commit: bool = True,
 ) -> list[str]:
     """Move each answering node's reputation toward its contribution's quality, once per task +
     node. Failed asks (outages, cancelled stragglers, hedges that lost) leave it alone: those are
@@ -324,7 +329,8 @@ async def apply_reputation(
                 if r["node_id"] in new
             ],
         )
-    await session.commit()
+    if commit:
+        await session.commit()
     return updated
 
 

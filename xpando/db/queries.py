@@ -30,13 +30,17 @@ def as_utc(value: datetime | None) -> datetime | None:
 async def _upsert(
     session: AsyncSession,
     model: type[SQLModel],
-    values: dict[str, Any],
+    values: dict[str, Any] | list[dict[str, Any]],
     *,
     keys: Sequence[str],
     update: Sequence[str],
 ) -> None:
+    """Insert or update one row, or many rows of the same shape (one executemany)."""
+    if not values:
+        return
     dialect = session.bind.dialect.name if session.bind is not None else "sqlite"
-    shape = (model.__name__, dialect, tuple(values), tuple(keys), tuple(update))
+    columns = values[0] if isinstance(values, list) else values
+    shape = (model.__name__, dialect, tuple(columns), tuple(keys), tuple(update))
     stmt = _UPSERTS.get(shape)
     if stmt is None:
         # Built once per shape and run with the values as parameters: building the
@@ -138,15 +142,19 @@ async def get_node(*, session: AsyncSession, node_id: str) -> Node | None:
 # --- tasks ---------------------------------------------------------------------------------------
 
 
-async def record_task(*, session: AsyncSession, record: RecordInput, now: datetime) -> RecordResult:
+async def record_task(
+    *, session: AsyncSession, record: RecordInput, now: datetime, commit: bool = True
+) -> RecordResult:
     """Write a task and its contributions, once (a retried record changes nothing).
 
     Knowledge items are written by the domain's KnowledgeWorkflow, not here; a task answered
     from knowledge counts one more use of that item.
     """
     done = record.status in (TaskStage.COMPLETED, TaskStage.FAILED)
-    previous = await session.get(Task, record.task_id)
-    already = previous is not None and previous.status == record.status.value
+    already = False
+    if record.reused_knowledge_id:  # a use is counted once: was this record written before?
+        previous = await session.get(Task, record.task_id)
+        already = previous is not None and previous.status == record.status.value
     await _upsert(
         session,
         Task,
@@ -164,10 +172,10 @@ async def record_task(*, session: AsyncSession, record: RecordInput, now: dateti
         keys=["task_id"],
         update=["domain", "status", "answer", "confidence", "error", "completed_at"],
     )
-    for c in record.contributions:
-        await _upsert(
-            session,
-            Contribution,
+    await _upsert(
+        session,
+        Contribution,
+        [
             {
                 "task_id": record.task_id,
                 "node_id": c.node_id,
@@ -190,33 +198,36 @@ async def record_task(*, session: AsyncSession, record: RecordInput, now: dateti
                 "request_id": c.request_id,
                 "error_type": c.error_type,
                 "created_at": now,
-            },
-            keys=["task_id", "node_id"],
-            update=[
-                "status",
-                "answer",
-                "citations",
-                "relevance",
-                "quality",
-                "quality_reason",
-                "latency_ms",
-                "input_tokens",
-                "output_tokens",
-                "finish_reason",
-                "error",
-                "attempts",
-                "cost_usd",
-                "request_id",
-                "error_type",
-            ],
-        )
+            }
+            for c in record.contributions
+        ],
+        keys=["task_id", "node_id"],
+        update=[
+            "status",
+            "answer",
+            "citations",
+            "relevance",
+            "quality",
+            "quality_reason",
+            "latency_ms",
+            "input_tokens",
+            "output_tokens",
+            "finish_reason",
+            "error",
+            "attempts",
+            "cost_usd",
+            "request_id",
+            "error_type",
+        ],
+    )
     if record.reused_knowledge_id:
         item = await session.get(Knowledge, record.reused_knowledge_id)
         if item is not None and not already:
             item.uses += 1
             session.add(item)
     await ledger.accrue(session=session, record=record, now=now)
-    await session.commit()
+    if commit:
+        await session.commit()
     return RecordResult(
         task_id=record.task_id,
         contributions_written=len(record.contributions),
@@ -407,14 +418,15 @@ async def record_expert_successes(
     outcomes: Sequence[dict[str, Any]],
     healthy: Sequence[str],
     now: datetime,
-) -> list[str]:
+    commit: bool = True,
+) -> tuple[list[str], bool]:
     """Log asks that ended well and close the breakers they vouch for, in two statements
     whatever their number: the outcome rows are inserted at once (``ON CONFLICT DO NOTHING …
     RETURNING`` names the new ones: a retried record counts nothing twice), then one UPDATE
     closes ``healthy`` (the node and provider breakers of the new ones). Returns the event ids
-    logged now. Commits."""
+    logged now and whether any breaker changed. Commits unless told not to."""
     if not outcomes:
-        return []
+        return [], False
     dialect = session.bind.dialect.name if session.bind is not None else "sqlite"
     insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
     table: Any = ExpertOutcome.__table__  # type: ignore[attr-defined]
@@ -426,11 +438,15 @@ async def record_expert_successes(
         .returning(table.c.event_id)
     )
     new = [row[0] for row in inserted.all()]
+    changed = False
     if new and healthy:
         c = Breaker.__table__.c  # type: ignore[attr-defined]
-        await session.exec(
+        closed = await session.exec(
             update(Breaker.__table__)  # type: ignore[attr-defined]
-            .where(col(c.key).in_(list(healthy)))
+            .where(
+                col(c.key).in_(list(healthy)),
+                or_(c.state != "closed", c.consecutive_failures > 0),  # else nothing to do
+            )
             .values(
                 consecutive_failures=0,
                 state="closed",
@@ -440,8 +456,10 @@ async def record_expert_successes(
                 updated_at=now,
             )
         )
-    await session.commit()
-    return new
+        changed = closed.rowcount > 0
+    if commit:
+        await session.commit()
+    return new, changed
 
 
 async def claim_probe(
