@@ -392,13 +392,17 @@ class KnowledgeIndex:
         return hits
 
     async def embed(self, text: str) -> NDArray[np.float32]:
+        batched = getattr(self.embedder, "embed_one", None)  # a CachedEmbedder batches prompts
+        if batched is not None:
+            return np.asarray(await batched(text), dtype=np.float32)
         vecs = await asyncio.to_thread(self.embedder.embed, [text])
         vec: NDArray[np.float32] = np.asarray(vecs[0], dtype=np.float32)
         return vec
 
     async def search(self, text: str, *, domain: str | None = None, k: int = 5) -> list[Hit]:
-        await self.refresh()
-        return self.search_vector(await self.embed(text), domain=domain, k=k)
+        # The prompt's embedding (a thread) and the index's refresh (the database) overlap.
+        _, vector = await asyncio.gather(self.refresh(), self.embed(text))
+        return self.search_vector(vector, domain=domain, k=k)
 
     def reusable(self, prompt: str, hits: list[Hit]) -> Hit | None:
         """The hit a prompt may be answered from, or None (see the module docstring)."""

@@ -141,9 +141,18 @@ def vector_key(embedder: str, text: str) -> str:
     return hashlib.sha256(f"{embedder}\n{text}".encode()).hexdigest()
 
 
+# Prompts embedded together at most (one forward pass); a batch of 8 costs a local MiniLM about
+# 4.7 ms a prompt against 16 ms one at a time.
+EMBED_BATCH = 16
+
+
 class CachedEmbedder:
     """An embedder that remembers the last texts it embedded (thread-safe), so the prompt that
-    ``plan`` embedded for knowledge reuse is not embedded again by ``route``."""
+    ``plan`` embedded for knowledge reuse is not embedded again by ``route``.
+
+    :meth:`embed_one` batches: while one forward pass runs (in a thread), the prompts of other
+    tasks wait and go together into the next one. One task alone waits for nothing; fifty in
+    flight share passes, and the model does far more per prompt in a batch."""
 
     def __init__(self, inner: Embedder, *, size: int = 4096) -> None:
         self.inner = inner
@@ -152,6 +161,44 @@ class CachedEmbedder:
         self._size = size
         self._cache: OrderedDict[str, NDArray[np.float32]] = OrderedDict()
         self._lock = threading.Lock()
+        # per event loop: texts waiting for the next pass, and whether a pass is running
+        self._waiting: dict[
+            asyncio.AbstractEventLoop, list[tuple[str, asyncio.Future[NDArray[np.float32]]]]
+        ] = {}
+        self._passing: dict[asyncio.AbstractEventLoop, asyncio.Task[None]] = {}
+
+    async def embed_one(self, text: str) -> NDArray[np.float32]:
+        """One text's vector, embedded in a batch with whatever other tasks ask meanwhile."""
+        vec = self.cached(text)
+        if vec is not None:
+            return vec
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[NDArray[np.float32]] = loop.create_future()
+        self._waiting.setdefault(loop, []).append((text, future))
+        if loop not in self._passing:
+            self._passing[loop] = loop.create_task(self._passes(loop))
+        return await future
+
+    async def _passes(self, loop: asyncio.AbstractEventLoop) -> None:
+        try:
+            while waiting := self._waiting.get(loop):
+                batch, self._waiting[loop] = waiting[:EMBED_BATCH], waiting[EMBED_BATCH:]
+                texts = list(dict.fromkeys(text for text, _ in batch))
+                try:
+                    vectors = await asyncio.to_thread(self.embed, texts)
+                except Exception as err:  # every waiter of this pass gets the error
+                    for _, future in batch:
+                        if not future.done():
+                            future.set_exception(err)
+                    continue
+                rows = {text: vectors[i] for i, text in enumerate(texts)}
+                for text, future in batch:
+                    if not future.done():
+                        future.set_result(rows[text])
+        finally:
+            self._passing.pop(loop, None)
+            if not self._waiting.get(loop):
+                self._waiting.pop(loop, None)
 
     def __repr__(self) -> str:
         return f"CachedEmbedder({self.inner!r})"
