@@ -360,13 +360,13 @@ async def workflows(
         out: dict[str, dict[str, float]] = {}
         # Rounds alternate (task, bare, task, bare, ...): the machine's drift hits both alike;
         # each figure is the median over the rounds.
-        runs: dict[str, list[dict[str, float]]] = {"task": [], "bare": []}
+        rounds_of: dict[str, list[dict[str, float]]] = {"task": [], "bare": []}
         for _ in range(rounds):
             for name, run in (("task", full), ("bare", baseline)):
-                runs[name].append(
+                rounds_of[name].append(
                     await _measure(run, tasks=tasks, sequential=sequential, in_flight=in_flight)
                 )
-        for name, measured in runs.items():
+        for name, measured in rounds_of.items():
             out[name] = {key: statistics.median(m[key] for m in measured) for key in measured[0]}
         return out
     finally:
