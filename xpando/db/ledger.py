@@ -79,10 +79,18 @@ async def accrue(*, session: AsyncSession, record: RecordInput, now: datetime) -
     ]
     if not rows:
         return 0
-    table: Any = Accrual.__table__  # type: ignore[attr-defined]
-    stmt = _insert(session)(table).values(rows)
-    await session.exec(stmt.on_conflict_do_nothing(index_elements=["task_id", "node_id"]))
+    dialect = session.bind.dialect.name if session.bind is not None else "sqlite"
+    stmt = _ACCRUE.get(dialect)
+    if stmt is None:  # built once: an executemany of it compiles nothing per task
+        table: Any = Accrual.__table__  # type: ignore[attr-defined]
+        stmt = _ACCRUE[dialect] = _insert(session)(table).on_conflict_do_nothing(
+            index_elements=["task_id", "node_id"]
+        )
+    await session.exec(stmt, params=rows)
     return len(rows)
+
+
+_ACCRUE: dict[str, Any] = {}
 
 
 async def due_epochs(*, session: AsyncSession, current_epoch: int, epoch_s: int) -> list[int]:

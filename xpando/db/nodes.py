@@ -317,7 +317,7 @@ async def apply_reputation(
         }
         for c in counted
     ]
-    inserted = await session.exec(events.values(rows))
+    inserted = await session.exec(events, params=rows)  # compiled once, executemany
     new = {row[0] for row in inserted.all()}
     updated = [r["node_id"] for r in rows if r["node_id"] in new]
     if updated:

@@ -428,15 +428,17 @@ async def record_expert_successes(
     if not outcomes:
         return [], False
     dialect = session.bind.dialect.name if session.bind is not None else "sqlite"
-    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
-    table: Any = ExpertOutcome.__table__  # type: ignore[attr-defined]
+    stmt = _SUCCESSES.get(dialect)
+    if stmt is None:  # built once: an executemany of it compiles nothing per task
+        insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+        table: Any = ExpertOutcome.__table__  # type: ignore[attr-defined]
+        stmt = _SUCCESSES[dialect] = (
+            insert(table)
+            .on_conflict_do_nothing(index_elements=["event_id"])
+            .returning(table.c.event_id)
+        )
     rows = [{**o, "ok": True, "created_at": now} for o in outcomes]
-    inserted = await session.exec(
-        insert(table)
-        .values(rows)
-        .on_conflict_do_nothing(index_elements=["event_id"])
-        .returning(table.c.event_id)
-    )
+    inserted = await session.exec(stmt, params=rows)
     new = [row[0] for row in inserted.all()]
     changed = False
     if new and healthy:
@@ -460,6 +462,9 @@ async def record_expert_successes(
     if commit:
         await session.commit()
     return new, changed
+
+
+_SUCCESSES: dict[str, Any] = {}
 
 
 async def claim_probe(
