@@ -23,12 +23,18 @@ from xpando.contracts import (
     AggregateResult,
     AggregationStrategy,
     BreakerState,
+    ContributionStatus,
     ExpertOutcomeInput,
     ExpertOutcomeResult,
+    FinishInput,
+    FinishResult,
     KnowledgeItemInput,
     KnowledgeSnippet,
     PlanInput,
     PlanResult,
+    PlanRouteInput,
+    PlanRouteResult,
+    ProvenanceNode,
     RecordInput,
     RecordResult,
     RegisterNodeInput,
@@ -213,6 +219,18 @@ class CoreActivities:
             domain=domain,
             report=report,
         )
+
+    @activity.defn(name="plan_route")
+    async def plan_route(self, input: PlanRouteInput) -> PlanRouteResult:
+        """``plan``, then ``route`` unless stored knowledge answers the task: the first core
+        step of a task in one local activity (a NoExpertsAvailable from routing fails it)."""
+        plan = await self.plan(input.plan)
+        if plan.reuse is not None:
+            return PlanRouteResult(plan=plan)
+        route = input.route
+        if plan.suggested_k is not None and plan.suggested_k < route.k:
+            route = route.model_copy(update={"k": plan.suggested_k})
+        return PlanRouteResult(plan=plan, route=await self.route(route))
 
     async def _troubled_breakers(self) -> dict[str, Breaker]:
         """Breakers that are open or counting failures, read at most every
@@ -478,6 +496,48 @@ class CoreActivities:
             log.info("reputation updated", task_id=input.task_id, nodes=moved)
         log.info("recorded", task_id=input.task_id, status=input.status.value)
         return result
+
+    @activity.defn(name="finish")
+    async def finish(self, input: FinishInput) -> FinishResult:
+        """``aggregate``, then ``record`` the result (and hand a confident answer to the
+        domain's KnowledgeWorkflow): the last core step of a task in one local activity."""
+        aggregated = await self.aggregate(input.aggregate)
+        domain = input.record.domain
+        if input.name_domain:  # the task's domain is the domain of the expert whose answer won
+            winner = max(
+                (c for c in aggregated.contributions if c.status == ContributionStatus.OK),
+                key=lambda c: c.quality,
+                default=None,
+            )
+            if winner is not None and input.domains.get(winner.node_id):
+                domain = input.domains[winner.node_id][0]
+        learned = None
+        if input.publish and aggregated.confidence > 0:
+            learned = KnowledgeItemInput(
+                task_id=input.record.task_id,
+                question=input.record.prompt,
+                answer=aggregated.answer,
+                domain=domain or "general",
+                confidence=aggregated.confidence,
+                nodes=[
+                    ProvenanceNode(node_id=c.node_id, quality=c.quality)
+                    for c in aggregated.contributions
+                    if c.status == ContributionStatus.OK
+                ],
+                completed_at=datetime.now(UTC),
+            )
+        await self.record(
+            input.record.model_copy(
+                update={
+                    "domain": domain,
+                    "answer": aggregated.answer,
+                    "confidence": aggregated.confidence,
+                    "contributions": aggregated.contributions,
+                    "publish": learned,
+                }
+            )
+        )
+        return FinishResult(aggregated=aggregated, domain=domain)
 
     async def _count_outcomes(
         self, session: AsyncSession, outcomes: list[ExpertOutcomeInput], now: datetime

@@ -135,8 +135,10 @@ def build_core_worker(
         activities=[
             core.plan,
             core.route,
+            core.plan_route,
             core.aggregate,
             core.record,
+            core.finish,
             core.register_node,
             core.report_outcome,
             knowledge.publish,

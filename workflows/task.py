@@ -34,10 +34,14 @@ with workflow.unsafe.imports_passed_through():
         Contribution,
         ContributionStatus,
         ExpertOutcomeInput,
+        FinishInput,
+        FinishResult,
         KnowledgeItemInput,
         KnowledgeReuse,
         PlanInput,
         PlanResult,
+        PlanRouteInput,
+        PlanRouteResult,
         ProvenanceNode,
         RecordInput,
         RouteCandidate,
@@ -83,10 +87,11 @@ PATCH_KNOWLEDGE_CONFIRM = "knowledge-confirm"
 PATCH_RECORD_ROUTE_FAILURE = "record-route-failure"
 PATCH_KNOWLEDGE_PUBLISH = "knowledge-publish"
 PATCH_QUORUM = "quorum-fan-out"
-# Fewer commands and events per task (see _patched): successful asks' outcomes go to the breakers
-# with the record, asks started together share one hedge timer, search attributes are upserted
-# only when they change, and the record step publishes the knowledge item. A run with this patch
-# took every older patch's path, so it records this one marker instead of seven.
+# Fewer commands, events and core steps per task (see _patched): plan and route run as one local
+# activity, aggregate and record (which publishes the knowledge item) as another; successful asks'
+# outcomes go to the breakers with the record; asks started together share one hedge timer; and
+# search attributes are upserted only when they change. A run with this patch took every older
+# patch's path, so it records this one marker instead of seven.
 PATCH_LEAN = "lean-task"
 KNOWLEDGE_CONTEXT_ITEMS = 3
 
@@ -121,18 +126,34 @@ class TaskWorkflow:
             self._listed_domain = started.get(sa.DOMAIN)
         self._set_stage(TaskStage.PLANNING)
 
-        plan: PlanResult = await workflow.execute_local_activity_method(
-            CoreActivities.plan,
-            PlanInput(
-                task_id=input.task_id,
-                prompt=input.prompt,
-                domain=input.domain,
-                max_context=KNOWLEDGE_CONTEXT_ITEMS,
-                fresh=input.fresh,
-            ),
-            start_to_close_timeout=CORE_STEP_TIMEOUT,
-            retry_policy=CORE_STEP_RETRY,
+        planned = PlanInput(
+            task_id=input.task_id,
+            prompt=input.prompt,
+            domain=input.domain,
+            max_context=KNOWLEDGE_CONTEXT_ITEMS,
+            fresh=input.fresh,
         )
+        routed: RouteResult | None = None  # lean runs plan and route in one local activity
+        if self._lean:
+            try:
+                both: PlanRouteResult = await workflow.execute_local_activity_method(
+                    CoreActivities.plan_route,
+                    PlanRouteInput(plan=planned, route=self._route_input(input, k=input.k)),
+                    start_to_close_timeout=CORE_STEP_TIMEOUT,
+                    retry_policy=CORE_STEP_RETRY,
+                )
+            except (ActivityError, ApplicationError) as err:
+                if _failure_type(err) == "NoExpertsAvailable":
+                    await self._fail(input, _reason(err), [], type="NoExpertsAvailable")
+                raise
+            plan, routed = both.plan, both.route
+        else:
+            plan = await workflow.execute_local_activity_method(
+                CoreActivities.plan,
+                planned,
+                start_to_close_timeout=CORE_STEP_TIMEOUT,
+                retry_policy=CORE_STEP_RETRY,
+            )
         if plan.reuse is not None and self._patched(PATCH_KNOWLEDGE_REUSE):
             return await self._answer_from_knowledge(input, plan.reuse)
 
@@ -149,7 +170,7 @@ class TaskWorkflow:
 
         self._set_stage(TaskStage.ROUTING)
         try:
-            route = await self._route(input, k=k)
+            route = routed if routed is not None else await self._route(input, k=k)
         except (ActivityError, ApplicationError) as err:
             # temporalio raises a local activity's ApplicationError as is (not wrapped in an
             # ActivityError): record the failed task either way (patched: older runs failed
@@ -179,14 +200,55 @@ class TaskWorkflow:
             )
 
         self._set_stage(TaskStage.AGGREGATING)
+        if self._lean:
+            aggregated = await self._finish(input, route, contributions)
+        else:
+            aggregated = await self._aggregate_and_record(input, route, contributions)
+        self._set_stage(TaskStage.COMPLETED)
+        return TaskResult(
+            task_id=input.task_id,
+            prompt=input.prompt,
+            answer=aggregated.answer,
+            confidence=aggregated.confidence,
+            domain=self._domain,
+            contributions=aggregated.contributions,
+            knowledge_used=[k.knowledge_id for k in plan.context],
+            completed_at=workflow.now(),
+            strategy=aggregated.strategy,
+            routing=route.report,
+        )
+
+    async def _finish(
+        self, input: TaskInput, route: RouteResult, contributions: list[Contribution]
+    ) -> AggregateResult:
+        """Aggregate and record in one local activity (lean runs)."""
+        finished: FinishResult = await workflow.execute_local_activity_method(
+            CoreActivities.finish,
+            FinishInput(
+                aggregate=_aggregate_input(input, contributions),
+                record=RecordInput(
+                    task_id=input.task_id,
+                    prompt=input.prompt,
+                    domain=self._domain,
+                    status=TaskStage.COMPLETED,
+                    outcomes=[self._outcome(c) for c in self._succeeded],
+                ),
+                domains={c.node_id: c.domains for c in [*route.chosen, *route.standbys]},
+                name_domain=input.domain is None,
+            ),
+            start_to_close_timeout=CORE_STEP_TIMEOUT,
+            retry_policy=RECORD_RETRY,
+        )
+        self._domain = finished.domain
+        return finished.aggregated
+
+    async def _aggregate_and_record(
+        self, input: TaskInput, route: RouteResult, contributions: list[Contribution]
+    ) -> AggregateResult:
+        """Before PATCH_LEAN: aggregate, then record, then publish — one local activity each."""
         aggregated: AggregateResult = await workflow.execute_local_activity_method(
             CoreActivities.aggregate,
-            AggregateInput(
-                task_id=input.task_id,
-                prompt=input.prompt,
-                contributions=contributions,
-                strategy=input.strategy,
-            ),
+            _aggregate_input(input, contributions),
             start_to_close_timeout=CORE_STEP_TIMEOUT,
             retry_policy=CORE_STEP_RETRY,
         )
@@ -201,8 +263,7 @@ class TaskWorkflow:
             )
             if winner is not None and domains.get(winner.node_id):
                 self._domain = domains[winner.node_id][0]
-                if not self._lean:  # lean: listed with the final status
-                    workflow.upsert_search_attributes([sa.DOMAIN.value_set(self._domain)])
+                workflow.upsert_search_attributes([sa.DOMAIN.value_set(self._domain)])
 
         self._set_stage(TaskStage.RECORDING)
         learned = aggregated.confidence > 0
@@ -215,25 +276,11 @@ class TaskWorkflow:
                 answer=aggregated.answer,
                 confidence=aggregated.confidence,
                 contributions=aggregated.contributions,
-                outcomes=[self._outcome(c) for c in self._succeeded],
-                publish=self._knowledge_item(input, aggregated) if learned and self._lean else None,
             )
         )
-        if not self._lean and workflow.patched(PATCH_KNOWLEDGE_PUBLISH) and learned:
+        if workflow.patched(PATCH_KNOWLEDGE_PUBLISH) and learned:
             await self._publish_knowledge(self._knowledge_item(input, aggregated))
-        self._set_stage(TaskStage.COMPLETED)
-        return TaskResult(
-            task_id=input.task_id,
-            prompt=input.prompt,
-            answer=aggregated.answer,
-            confidence=aggregated.confidence,
-            domain=self._domain,
-            contributions=aggregated.contributions,
-            knowledge_used=[k.knowledge_id for k in plan.context],
-            completed_at=workflow.now(),
-            strategy=aggregated.strategy,
-            routing=route.report,
-        )
+        return aggregated
 
     @workflow.query
     def progress(self) -> TaskProgress:
@@ -452,20 +499,23 @@ class TaskWorkflow:
             return []
         return [*route.chosen, *route.standbys]
 
+    def _route_input(self, input: TaskInput, *, k: int, exclude: Sequence[str] = ()) -> RouteInput:
+        return RouteInput(
+            task_id=input.task_id,
+            prompt=input.prompt,
+            k=k,
+            standbys=STANDBYS,
+            domain=input.domain,
+            regions=input.regions,
+            exclude=list(exclude),
+        )
+
     async def _route(self, input: TaskInput, *, k: int, exclude: Sequence[str] = ()) -> RouteResult:
         """One routing decision (a local activity on the core worker); raises when no expert
         is available."""
         route: RouteResult = await workflow.execute_local_activity_method(
             CoreActivities.route,
-            RouteInput(
-                task_id=input.task_id,
-                prompt=input.prompt,
-                k=k,
-                standbys=STANDBYS,
-                domain=input.domain,
-                regions=input.regions,
-                exclude=list(exclude),
-            ),
+            self._route_input(input, k=k, exclude=exclude),
             start_to_close_timeout=CORE_STEP_TIMEOUT,
             retry_policy=CORE_STEP_RETRY,
         )
@@ -699,6 +749,15 @@ class TaskWorkflow:
         workflow.upsert_search_attributes(updates)
 
 
+def _aggregate_input(input: TaskInput, contributions: list[Contribution]) -> AggregateInput:
+    return AggregateInput(
+        task_id=input.task_id,
+        prompt=input.prompt,
+        contributions=contributions,
+        strategy=input.strategy,
+    )
+
+
 def _answer_retry(policy: AnswerPolicy | None) -> RetryPolicy:
     if policy is None:
         return ANSWER_RETRY
@@ -746,6 +805,16 @@ def _hedge_after(policy: AnswerPolicy | None) -> timedelta:
     if policy is None or not policy.hedge_after_ms:
         return ANSWER_HEDGE_AFTER
     return timedelta(milliseconds=policy.hedge_after_ms)
+
+
+def _failure_type(err: BaseException) -> str | None:
+    """The type of the first ApplicationError in the chain (a local activity's may be ``err``)."""
+    cause: BaseException | None = err
+    while cause is not None:
+        if isinstance(cause, ApplicationError):
+            return cause.type
+        cause = cause.__cause__
+    return None
 
 
 def _root(err: BaseException) -> BaseException:

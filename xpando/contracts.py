@@ -339,6 +339,35 @@ class RecordInput(Contract):
     )
 
 
+class PlanRouteInput(Contract):
+    """``plan`` then, unless stored knowledge answers the task, ``route`` (one local activity)."""
+
+    plan: PlanInput
+    route: RouteInput  # k is lowered to the plan's suggested_k when it suggests fewer experts
+
+
+class PlanRouteResult(Contract):
+    plan: PlanResult
+    route: RouteResult | None = None  # None: answered from knowledge
+
+
+class FinishInput(Contract):
+    """``aggregate`` then ``record`` (one local activity): the record's answer, confidence,
+    contributions and knowledge item come from the aggregation."""
+
+    aggregate: AggregateInput
+    record: RecordInput
+    # Candidates' domains by node: with name_domain, the task's domain is the winner's first.
+    domains: dict[str, list[str]] = Field(default_factory=dict)
+    name_domain: bool = False
+    publish: bool = Field(True, description="Hand a confident answer to the KnowledgeWorkflow")
+
+
+class FinishResult(Contract):
+    aggregated: AggregateResult
+    domain: str | None = None
+
+
 class RecordResult(Contract):
     task_id: str
     contributions_written: int
@@ -480,3 +509,4 @@ class ExpertOutcomeResult(Contract):
 
 
 RecordInput.model_rebuild()  # refers to contracts defined after it
+FinishInput.model_rebuild()
