@@ -7,17 +7,19 @@ under CI=true. The model is loaded once for the module.
 
 from __future__ import annotations
 
+import asyncio
 import math
 import os
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import pytest
+from numpy.typing import NDArray
 from structlog.testing import capture_logs
 
 from tests.conftest import IN_CI
@@ -315,3 +317,30 @@ def test_get_embedder_caches_and_rejects_unknown_kinds(minilm: MiniLMEmbedder) -
     assert default_model_dir(Settings(embedding_model_dir=Path("/x"))) == Path("/x")
     with pytest.raises(ValueError, match="unknown embedder"):
         get_embedder("bert")
+
+
+async def test_concurrent_prompts_share_forward_passes() -> None:
+    """``CachedEmbedder.embed_one``: prompts asked while a pass runs go into the next pass
+    together (fewer, larger forward passes under load), and every caller gets its own text's
+    vector — duplicates included."""
+    from activities.routing import EMBED_BATCH, CachedEmbedder
+
+    passes: list[int] = []
+
+    class CountingEmbedder(HashingEmbedder):
+        name = "counting"
+
+        def embed(self, texts: Sequence[str]) -> NDArray[np.float32]:
+            passes.append(len(texts))
+            return super().embed(texts)
+
+    cached = CachedEmbedder(CountingEmbedder())
+    texts = [f"how do I retry activity number {i}?" for i in range(EMBED_BATCH + 4)]
+    texts += texts[:3]  # asked twice: embedded once
+    got = await asyncio.gather(*(cached.embed_one(t) for t in texts))
+    expected = HashingEmbedder().embed(texts)
+    for vector, want in zip(got, expected, strict=True):
+        assert np.abs(vector - want).max() < 1e-6
+    assert sum(passes) == EMBED_BATCH + 4  # each distinct text once
+    assert len(passes) == 2  # one full pass of EMBED_BATCH, then the rest together
+    assert await cached.embed_one(texts[0]) is not None and len(passes) == 2  # from the cache
