@@ -41,8 +41,6 @@ from typing import Any
 
 import numpy as np
 from temporalio.client import Client
-from temporalio.contrib.pydantic import pydantic_data_converter
-from temporalio.testing import WorkflowEnvironment
 
 from activities.providers.base import Provider, ProviderReply, ProviderRequest
 from workers.core import build_core_worker, build_knowledge_index
@@ -52,11 +50,11 @@ from xpando.contracts import TaskInput, TaskResult
 from xpando.corpus import DEV_DOMAINS, ensure_domain_corpus
 from xpando.db import create_engine, init_db, session_factory
 from xpando.db.models import Knowledge
-from xpando.devserver import dynamic_config_args, temporal_cli
+from xpando.devserver import start_local_env
 from xpando.embedding import get_embedder
 from xpando.logs import configure_logging
 from xpando.settings import Settings
-from xpando.temporal import SEARCH_ATTRIBUTES, NodeLiveness
+from xpando.temporal import NodeLiveness
 
 WORKLOAD = Path(__file__).parent / "workloads" / "knowledge_500.jsonl"
 NOMINAL_USD_PER_1M = (0.15, 0.60)  # input, output: a small hosted model's list price
@@ -277,12 +275,7 @@ async def main() -> None:
     data = Path(tempfile.mkdtemp(prefix="xpando-bench-knowledge-"))
     try:
         if not args.skip_workload:
-            env = await WorkflowEnvironment.start_local(
-                dev_server_existing_path=temporal_cli(),
-                data_converter=pydantic_data_converter,
-                search_attributes=SEARCH_ATTRIBUTES,
-                dev_server_extra_args=dynamic_config_args(),
-            )
+            env = await start_local_env()
             try:
                 print(f"workload: {len(rows)} tasks {dict(kinds)}, k={K}", flush=True)
                 off = await run_workload(env.client, rows, reuse=False, data=data)

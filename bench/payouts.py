@@ -27,7 +27,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from solders.keypair import Keypair
-from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.testing import WorkflowEnvironment
 
 from activities.chain import (
@@ -50,10 +49,9 @@ from xpando.contracts import (
 )
 from xpando.contracts_payouts import PayoutSagaInput, PayoutStage, epoch_workflow_id
 from xpando.db import create_engine, init_db, ledger, queries, session_factory
-from xpando.devserver import dynamic_config_args, temporal_cli
+from xpando.devserver import start_local_env
 from xpando.logs import configure_logging
 from xpando.settings import Settings
-from xpando.temporal import SEARCH_ATTRIBUTES
 
 EPOCH_S = 3600
 CONTRIBUTIONS_PER_TASK = 10
@@ -190,12 +188,7 @@ async def main() -> None:
     configure_logging(Settings(_env_file=None, log_level="WARNING"))  # type: ignore[call-arg]
     data = Path(tempfile.mkdtemp(prefix="xpando-bench-payouts-"))
     try:
-        env = await WorkflowEnvironment.start_local(
-            dev_server_existing_path=temporal_cli(),
-            data_converter=pydantic_data_converter,
-            search_attributes=SEARCH_ATTRIBUTES,
-            dev_server_extra_args=dynamic_config_args(),
-        )
+        env = await start_local_env()
         try:
             before = await raw_chain_rate(args.nodes)
             saga = await saga_rate(

@@ -35,8 +35,6 @@ from typing import Any
 
 from pydantic import SecretStr
 from temporalio.client import Client
-from temporalio.contrib.pydantic import pydantic_data_converter
-from temporalio.testing import WorkflowEnvironment
 
 from activities.providers.base import Pricing, ProviderConfig
 from activities.providers.registry import make_provider
@@ -46,10 +44,10 @@ from workers.node import build_node_worker, register
 from workflows.task import TaskWorkflow
 from xpando.contracts import ContributionStatus, NodeDomain, NodeProfile, TaskInput, TaskResult
 from xpando.db import create_engine, init_db, queries, session_factory
-from xpando.devserver import dynamic_config_args, temporal_cli
+from xpando.devserver import start_local_env
 from xpando.logs import configure_logging
 from xpando.settings import Settings
-from xpando.temporal import SEARCH_ATTRIBUTES, NodeLiveness
+from xpando.temporal import NodeLiveness
 
 PROVIDERS = ("openai", "anthropic", "gemini")
 NODES_PER_PROVIDER = 2
@@ -221,12 +219,7 @@ async def main() -> None:
     args = parser.parse_args()
     configure_logging(Settings(_env_file=None, log_level="ERROR"))  # type: ignore[call-arg]
     data = Path(tempfile.mkdtemp(prefix="xpando-bench-providers-"))
-    env = await WorkflowEnvironment.start_local(
-        dev_server_existing_path=temporal_cli(),
-        data_converter=pydantic_data_converter,
-        search_attributes=SEARCH_ATTRIBUTES,
-        dev_server_extra_args=dynamic_config_args(),
-    )
+    env = await start_local_env()
     try:
         common = {
             "tasks": args.tasks,

@@ -60,8 +60,6 @@ import httpx
 from solders.keypair import Keypair
 from sqlalchemy import insert
 from temporalio.client import Client
-from temporalio.contrib.pydantic import pydantic_data_converter
-from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
 
 from activities.core import CoreActivities
@@ -80,12 +78,12 @@ from xpando import temporal
 from xpando.contracts import NodeAction, NodeDomain, NodeProfile, RouteInput, TaskInput
 from xpando.db import create_engine, init_db, session_factory
 from xpando.db.models import Node
-from xpando.devserver import dynamic_config_args, temporal_cli
+from xpando.devserver import start_local_env
 from xpando.embedding import embedder_from_settings
 from xpando.identity import sign_request, verify_request
 from xpando.logs import configure_logging
 from xpando.settings import Settings
-from xpando.temporal import SEARCH_ATTRIBUTES, NodeLiveness, WorkerBeat
+from xpando.temporal import NodeLiveness, WorkerBeat
 
 DOMAINS = Path(__file__).parent / "workloads" / "routing_domains.jsonl"
 REGIONS = ("eu-west", "us-east", "us-west", "ap-south", "sa-east")
@@ -410,12 +408,7 @@ async def main() -> None:
     base = Settings(_env_file=None, log_level="WARNING")
     configure_logging(base)
     data = Path(tempfile.mkdtemp(prefix="xpando-bench-routing-"))
-    env = await WorkflowEnvironment.start_local(
-        dev_server_existing_path=temporal_cli(),
-        data_converter=pydantic_data_converter,
-        search_attributes=SEARCH_ATTRIBUTES,
-        dev_server_extra_args=dynamic_config_args(),
-    )
+    env = await start_local_env()
     try:
         target = env.client.service_client.config.target_host
         settings = base.model_copy(

