@@ -395,21 +395,30 @@ async def record_expert_outcome(
                 updated_at=now,
             )
         )
-    if healthy:
-        await session.exec(
-            update(table)
-            .where(col(c.key).in_(list(healthy)))
-            .values(
-                consecutive_failures=0,
-                state="closed",
-                open_until=None,
-                probe_until=None,
-                probe_task=None,
-                updated_at=now,
-            )
-        )
+    await _close_breakers(session, healthy, now)
     await session.commit()
     return True
+
+
+async def _close_breakers(session: AsyncSession, keys: Sequence[str], now: datetime) -> bool:
+    """A success: close these breakers and clear their failure counts. Only rows with something
+    to clear are written; returns whether any was."""
+    if not keys:
+        return False
+    c = Breaker.__table__.c  # type: ignore[attr-defined]
+    closed = await session.exec(
+        update(Breaker.__table__)  # type: ignore[attr-defined]
+        .where(col(c.key).in_(list(keys)), or_(c.state != "closed", c.consecutive_failures > 0))
+        .values(
+            consecutive_failures=0,
+            state="closed",
+            open_until=None,
+            probe_until=None,
+            probe_task=None,
+            updated_at=now,
+        )
+    )
+    return bool(closed.rowcount)
 
 
 async def record_expert_successes(
@@ -423,8 +432,9 @@ async def record_expert_successes(
     """Log asks that ended well and close the breakers they vouch for, in two statements
     whatever their number: the outcome rows are inserted at once (``ON CONFLICT DO NOTHING …
     RETURNING`` names the new ones: a retried record counts nothing twice), then one UPDATE
-    closes ``healthy`` (the node and provider breakers of the new ones). Returns the event ids
-    logged now and whether any breaker changed. Commits unless told not to."""
+    closes ``healthy`` (the node and provider breakers they vouch for; a record's outcomes are
+    written together, so a retry has none new and closes nothing). Returns the event ids logged
+    now and whether any breaker changed. Commits unless told not to."""
     if not outcomes:
         return [], False
     dialect = session.bind.dialect.name if session.bind is not None else "sqlite"
@@ -440,25 +450,7 @@ async def record_expert_successes(
     rows = [{**o, "ok": True, "created_at": now} for o in outcomes]
     inserted = await session.exec(stmt, params=rows)
     new = [row[0] for row in inserted.all()]
-    changed = False
-    if new and healthy:
-        c = Breaker.__table__.c  # type: ignore[attr-defined]
-        closed = await session.exec(
-            update(Breaker.__table__)  # type: ignore[attr-defined]
-            .where(
-                col(c.key).in_(list(healthy)),
-                or_(c.state != "closed", c.consecutive_failures > 0),  # else nothing to do
-            )
-            .values(
-                consecutive_failures=0,
-                state="closed",
-                open_until=None,
-                probe_until=None,
-                probe_task=None,
-                updated_at=now,
-            )
-        )
-        changed = closed.rowcount > 0
+    changed = await _close_breakers(session, healthy, now) if new else False
     if commit:
         await session.commit()
     return new, changed
