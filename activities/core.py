@@ -23,7 +23,6 @@ from xpando.contracts import (
     AggregateResult,
     AggregationStrategy,
     BreakerState,
-    ContributionStatus,
     ExpertOutcomeInput,
     ExpertOutcomeResult,
     FinishInput,
@@ -34,7 +33,6 @@ from xpando.contracts import (
     PlanResult,
     PlanRouteInput,
     PlanRouteResult,
-    ProvenanceNode,
     RecordInput,
     RecordResult,
     RegisterNodeInput,
@@ -504,27 +502,15 @@ class CoreActivities:
         aggregated = await self.aggregate(input.aggregate)
         domain = input.record.domain
         if input.name_domain:  # the task's domain is the domain of the expert whose answer won
-            winner = max(
-                (c for c in aggregated.contributions if c.status == ContributionStatus.OK),
-                key=lambda c: c.quality,
-                default=None,
-            )
-            if winner is not None and input.domains.get(winner.node_id):
-                domain = input.domains[winner.node_id][0]
+            domain = aggregate.winning_domain(aggregated, input.domains) or domain
         learned = None
         if input.publish and aggregated.confidence > 0:
-            learned = KnowledgeItemInput(
+            learned = aggregate.knowledge_item(
                 task_id=input.record.task_id,
                 question=input.record.prompt,
-                answer=aggregated.answer,
-                domain=domain or "general",
-                confidence=aggregated.confidence,
-                nodes=[
-                    ProvenanceNode(node_id=c.node_id, quality=c.quality)
-                    for c in aggregated.contributions
-                    if c.status == ContributionStatus.OK
-                ],
-                completed_at=datetime.now(UTC),
+                result=aggregated,
+                domain=domain,
+                at=datetime.now(UTC),
             )
         await self.record(
             input.record.model_copy(

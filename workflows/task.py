@@ -20,6 +20,7 @@ from temporalio.exceptions import (
 )
 
 with workflow.unsafe.imports_passed_through():
+    from activities.aggregate import knowledge_item, winning_domain
     from activities.core import CoreActivities
     from activities.knowledge import KnowledgeActivities
     from activities.node import NodeActivities
@@ -42,7 +43,6 @@ with workflow.unsafe.imports_passed_through():
         PlanResult,
         PlanRouteInput,
         PlanRouteResult,
-        ProvenanceNode,
         RecordInput,
         RouteCandidate,
         RouteInput,
@@ -233,7 +233,7 @@ class TaskWorkflow:
                     status=TaskStage.COMPLETED,
                     outcomes=[self._outcome(c) for c in self._succeeded],
                 ),
-                domains={c.node_id: c.domains for c in [*route.chosen, *route.standbys]},
+                domains=_candidate_domains(route),
                 name_domain=input.domain is None,
             ),
             start_to_close_timeout=CORE_STEP_TIMEOUT,
@@ -255,14 +255,9 @@ class TaskWorkflow:
 
         if input.domain is None:
             # The task's domain is the domain of the expert whose answer won.
-            domains = {c.node_id: c.domains for c in [*route.chosen, *route.standbys]}
-            winner = max(
-                (c for c in aggregated.contributions if c.status == ContributionStatus.OK),
-                key=lambda c: c.quality,
-                default=None,
-            )
-            if winner is not None and domains.get(winner.node_id):
-                self._domain = domains[winner.node_id][0]
+            won = winning_domain(aggregated, _candidate_domains(route))
+            if won is not None:
+                self._domain = won
                 workflow.upsert_search_attributes([sa.DOMAIN.value_set(self._domain)])
 
         self._set_stage(TaskStage.RECORDING)
@@ -664,19 +659,12 @@ class TaskWorkflow:
         )
 
     def _knowledge_item(self, input: TaskInput, aggregated: AggregateResult) -> KnowledgeItemInput:
-        """What this task learned, for the domain's KnowledgeWorkflow."""
-        return KnowledgeItemInput(
+        return knowledge_item(
             task_id=input.task_id,
             question=input.prompt,
-            answer=aggregated.answer,
-            domain=self._domain or "general",
-            confidence=aggregated.confidence,
-            nodes=[
-                ProvenanceNode(node_id=c.node_id, quality=c.quality)
-                for c in aggregated.contributions
-                if c.status == ContributionStatus.OK
-            ],
-            completed_at=workflow.now(),
+            result=aggregated,
+            domain=self._domain,
+            at=workflow.now(),
         )
 
     async def _publish_knowledge(self, item: KnowledgeItemInput) -> None:
@@ -747,6 +735,10 @@ class TaskWorkflow:
             self._listed_domain = listed
             updates.append(sa.DOMAIN.value_set(listed))
         workflow.upsert_search_attributes(updates)
+
+
+def _candidate_domains(route: RouteResult) -> dict[str, list[str]]:
+    return {c.node_id: c.domains for c in [*route.chosen, *route.standbys]}
 
 
 def _aggregate_input(input: TaskInput, contributions: list[Contribution]) -> AggregateInput:
