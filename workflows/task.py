@@ -421,13 +421,9 @@ class TaskWorkflow:
                 if not won:  # the task reached its quorum or deadline without this slot
                     results.append(_straggler(candidate, elapsed))
                     continue
-                loser = Contribution(
-                    node_id=candidate.node_id,
-                    region=candidate.region,
-                    provider=candidate.provider,
-                    model=candidate.model,
-                    status=ContributionStatus.FAILED,
-                    latency_ms=int(elapsed.total_seconds() * 1000),
+                loser = _failed(
+                    candidate,
+                    elapsed,
                     error_type="DeadlineExceeded" if overdue else "Superseded",
                     error=(
                         f"DeadlineExceeded: no answer within {hedge_after.total_seconds():g}s; "
@@ -583,13 +579,9 @@ class TaskWorkflow:
         except ActivityError as err:
             elapsed = workflow.now() - started
             usage = usage_of(_root(err))  # what a failed call still cost (tokens, USD)
-            return Contribution(
-                node_id=candidate.node_id,
-                region=candidate.region,
-                provider=candidate.provider,
-                model=candidate.model,
-                status=ContributionStatus.FAILED,
-                latency_ms=int(elapsed.total_seconds() * 1000),
+            return _failed(
+                candidate,
+                elapsed,
                 error=_reason(err),
                 error_type=_error_type(err),
                 input_tokens=usage.input_tokens if usage else 0,
@@ -780,7 +772,10 @@ def _quorum(input: TaskInput, chosen: int) -> int | None:
     return max(1, quorum)
 
 
-def _straggler(candidate: RouteCandidate, elapsed: timedelta) -> Contribution:
+def _failed(
+    candidate: RouteCandidate, elapsed: timedelta, *, error_type: str, error: str, **usage: Any
+) -> Contribution:
+    """A failed ask of ``candidate`` that ran for ``elapsed`` (``usage``: what it still cost)."""
     return Contribution(
         node_id=candidate.node_id,
         region=candidate.region,
@@ -788,6 +783,16 @@ def _straggler(candidate: RouteCandidate, elapsed: timedelta) -> Contribution:
         model=candidate.model,
         status=ContributionStatus.FAILED,
         latency_ms=int(elapsed.total_seconds() * 1000),
+        error_type=error_type,
+        error=error,
+        **usage,
+    )
+
+
+def _straggler(candidate: RouteCandidate, elapsed: timedelta) -> Contribution:
+    return _failed(
+        candidate,
+        elapsed,
         error_type="QuorumReached",
         error="QuorumReached: the task had its quorum (or passed its deadline) first; cancelled",
     )
