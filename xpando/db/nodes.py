@@ -37,7 +37,7 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 
 from xpando.contracts import ContributionStatus, NodeAction, RecordInput, SignedNodeRequest
 from xpando.db.models import Breaker, DomainVector, Node, NodeNonce, ReputationEvent
-from xpando.db.queries import as_utc
+from xpando.db.queries import as_utc, node_columns
 
 ACTIVE, DEREGISTERED = "active", "deregistered"
 
@@ -135,22 +135,11 @@ async def apply_signed_request(
     profile = request.profile
     assert profile is not None  # verify_request refuses a register request without one
     values = {
-        "node_id": profile.node_id,
-        "region": profile.region,
-        "provider": profile.provider,
-        "model": profile.model,
-        "task_queue": profile.task_queue,
-        "capacity": profile.capacity,
-        "domains": [d.model_dump() for d in profile.domains],
+        **node_columns(profile, now),
+        "status": ACTIVE,
         "wallet": request.public_key,
         "public_key": request.public_key,
-        "status": ACTIVE,
         "deregistered_at": None,
-        "price_input_per_mtok": profile.price_input_per_mtok,
-        "price_output_per_mtok": profile.price_output_per_mtok,
-        "registered_at": now,
-        "updated_at": now,
-        "changed_at": now,
     }
     row = (await session.exec(_register_statement(session), params=values)).first()
     if row is None:  # the row exists under another key: the update's WHERE refused it

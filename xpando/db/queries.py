@@ -65,6 +65,26 @@ _UPSERTS: dict[tuple[str, str, tuple[str, ...], tuple[str, ...], tuple[str, ...]
 # --- nodes ---------------------------------------------------------------------------------------
 
 
+def node_columns(profile: NodeProfile, now: datetime) -> dict[str, Any]:
+    """A node row's columns from its profile, active and stamped ``now`` (without wallet and
+    key: the signed path takes both from the request's key)."""
+    return {
+        "node_id": profile.node_id,
+        "region": profile.region,
+        "provider": profile.provider,
+        "model": profile.model,
+        "task_queue": profile.task_queue,
+        "capacity": profile.capacity,
+        "domains": [d.model_dump() for d in profile.domains],
+        "price_input_per_mtok": profile.price_input_per_mtok,
+        "price_output_per_mtok": profile.price_output_per_mtok,
+        "status": "active",
+        "registered_at": now,
+        "updated_at": now,
+        "changed_at": now,
+    }
+
+
 async def upsert_node(
     *, session: AsyncSession, profile: NodeProfile, now: datetime
 ) -> tuple[bool, datetime]:
@@ -73,22 +93,7 @@ async def upsert_node(
     The network's registration path is ``activities/registration.py`` (signed requests); this
     direct write is for operators' tooling, tests and benchmarks."""
     existing = await session.get(Node, profile.node_id)
-    values = {
-        "node_id": profile.node_id,
-        "region": profile.region,
-        "provider": profile.provider,
-        "model": profile.model,
-        "task_queue": profile.task_queue,
-        "capacity": profile.capacity,
-        "domains": [d.model_dump() for d in profile.domains],
-        "wallet": profile.wallet,
-        "price_input_per_mtok": profile.price_input_per_mtok,
-        "price_output_per_mtok": profile.price_output_per_mtok,
-        "status": "active",
-        "registered_at": now,
-        "updated_at": now,
-        "changed_at": now,
-    }
+    values = {**node_columns(profile, now), "wallet": profile.wallet}
     await _upsert(
         session,
         Node,
