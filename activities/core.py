@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from datetime import UTC, datetime
@@ -59,6 +61,8 @@ log = get_logger(__name__)
 # Routing reads the circuit breakers at most this often (and after each outcome reported here).
 BREAKER_CACHE_S = 1.0
 HEALTHY = breaker.Gate(allowed=True)
+# Aggregations of finish attempts whose record has not landed yet (kept for their retry).
+AGGREGATIONS_KEPT = 256
 
 
 class CoreActivities:
@@ -98,6 +102,7 @@ class CoreActivities:
             prior=self._routing.config.reputation_prior
         )
         self._troubled: tuple[float, dict[str, Breaker]] | None = None
+        self._aggregations: OrderedDict[str, AggregateResult] = OrderedDict()
 
     @activity.defn(name="plan")
     async def plan(self, input: PlanInput) -> PlanResult:
@@ -499,7 +504,15 @@ class CoreActivities:
     async def finish(self, input: FinishInput) -> FinishResult:
         """``aggregate``, then ``record`` the result (and hand a confident answer to the
         domain's KnowledgeWorkflow): the last core step of a task in one local activity."""
-        aggregated = await self.aggregate(input.aggregate)
+        # A retried finish (its record failed) reuses its aggregation: a synthesis would
+        # otherwise ask the aggregator model, and pay for it, once per attempt.
+        key = hashlib.sha256(input.aggregate.model_dump_json().encode()).hexdigest()
+        aggregated = self._aggregations.get(key)
+        if aggregated is None:
+            aggregated = await self.aggregate(input.aggregate)
+            self._aggregations[key] = aggregated
+            while len(self._aggregations) > AGGREGATIONS_KEPT:
+                self._aggregations.popitem(last=False)
         domain = input.record.domain
         if input.name_domain:  # the task's domain is the domain of the expert whose answer won
             domain = aggregate.winning_domain(aggregated, input.domains) or domain
@@ -523,6 +536,7 @@ class CoreActivities:
                 }
             )
         )
+        self._aggregations.pop(key, None)
         return FinishResult(aggregated=aggregated, domain=domain)
 
     async def _count_outcomes(
