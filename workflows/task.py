@@ -315,32 +315,25 @@ class TaskWorkflow:
         reroutes = 0
         standby_lock = asyncio.Lock()
         # Lean runs: asks launched at the same moment share one hedge timer (one timer for the
-        # whole first fan-out, not one per expert); it is cancelled once none of them waits on it.
-        hedge_timers: dict[datetime, tuple[asyncio.Task[None], list[int]]] = {}
+        # whole first fan-out, not one per expert); it is cancelled once no ask waits on it.
+        hedge_at: dict[datetime, asyncio.Task[None]] = {}
+        hedge_users: dict[asyncio.Task[None], int] = {}
 
         def hedge_timer() -> asyncio.Task[None]:
             if not self._lean:
                 return asyncio.create_task(workflow.sleep(hedge_after))
-            now = workflow.now()
-            timer, users = hedge_timers.get(now) or (None, [0])
+            timer = hedge_at.get(workflow.now())
             if timer is None or timer.done():
-                timer, users = asyncio.create_task(workflow.sleep(hedge_after)), [0]
-                hedge_timers[now] = (timer, users)
-            users[0] += 1
+                timer = hedge_at[workflow.now()] = asyncio.create_task(workflow.sleep(hedge_after))
+            hedge_users[timer] = hedge_users.get(timer, 0) + 1
             return timer
 
         def release(timer: asyncio.Task[None]) -> None:
-            if not self._lean:
+            left = hedge_users.pop(timer, 1) - 1  # (a timer of its own is not counted)
+            if left > 0:
+                hedge_users[timer] = left
+            else:
                 timer.cancel()
-                return
-            for at, (shared, users) in list(hedge_timers.items()):
-                if shared is timer:
-                    users[0] -= 1
-                    if users[0] <= 0:
-                        timer.cancel()
-                        del hedge_timers[at]
-                    return
-            timer.cancel()
 
         async def next_standby(busy: list[str]) -> RouteCandidate | None:
             """The next standby, preferring a provider that has neither failed in this task
