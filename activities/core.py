@@ -394,31 +394,11 @@ class CoreActivities:
     @activity.defn(name="report_outcome")
     async def report_outcome(self, input: ExpertOutcomeInput) -> ExpertOutcomeResult:
         """Count one ask's outcome for the node's and its provider's circuit breakers."""
-        failing, healthy = self._breakers.effects(
-            node_id=input.node_id,
-            provider=input.provider,
-            region=input.region,
-            ok=input.ok,
-            error_type=input.error_type,
-        )
+        failing, _ = self._effects(input)
         now = datetime.now(UTC)
         self._troubled = None  # the next decision reads the breakers again
         async with self._sessions() as session:
-            recorded = await queries.record_expert_outcome(
-                session=session,
-                event_id=input.event_id,
-                task_id=input.task_id,
-                node_id=input.node_id,
-                provider=input.provider,
-                region=input.region,
-                ok=input.ok,
-                error_type=input.error_type,
-                error=input.error,
-                effects=failing,
-                healthy=healthy,
-                cooldown_s=self._breakers.cooldown.total_seconds(),
-                now=now,
-            )
+            recorded = await self._log_outcome(session, input, now)
             keys = [
                 breaker.node_key(input.node_id),
                 breaker.provider_key(input.provider, input.region),
@@ -539,6 +519,36 @@ class CoreActivities:
         self._aggregations.pop(key, None)
         return FinishResult(aggregated=aggregated, domain=domain)
 
+    def _effects(self, o: ExpertOutcomeInput) -> tuple[list[tuple[str, str, int]], list[str]]:
+        return self._breakers.effects(
+            node_id=o.node_id,
+            provider=o.provider,
+            region=o.region,
+            ok=o.ok,
+            error_type=o.error_type,
+        )
+
+    async def _log_outcome(
+        self, session: AsyncSession, o: ExpertOutcomeInput, now: datetime
+    ) -> bool:
+        """One outcome, logged once and applied to its breakers (commits)."""
+        failing, healthy = self._effects(o)
+        return await queries.record_expert_outcome(
+            session=session,
+            event_id=o.event_id,
+            task_id=o.task_id,
+            node_id=o.node_id,
+            provider=o.provider,
+            region=o.region,
+            ok=o.ok,
+            error_type=o.error_type,
+            error=o.error,
+            effects=failing,
+            healthy=healthy,
+            cooldown_s=self._breakers.cooldown.total_seconds(),
+            now=now,
+        )
+
     async def _count_outcomes(
         self, session: AsyncSession, outcomes: list[ExpertOutcomeInput], now: datetime
     ) -> None:
@@ -546,29 +556,9 @@ class CoreActivities:
         healthy: set[str] = set()
         rows = []
         for o in outcomes:
-            failing, closes = self._breakers.effects(
-                node_id=o.node_id,
-                provider=o.provider,
-                region=o.region,
-                ok=o.ok,
-                error_type=o.error_type,
-            )
+            failing, closes = self._effects(o)
             if failing or not o.ok:  # not what record is handed; count it the full way
-                await queries.record_expert_outcome(
-                    session=session,
-                    event_id=o.event_id,
-                    task_id=o.task_id,
-                    node_id=o.node_id,
-                    provider=o.provider,
-                    region=o.region,
-                    ok=o.ok,
-                    error_type=o.error_type,
-                    error=o.error,
-                    effects=failing,
-                    healthy=closes,
-                    cooldown_s=self._breakers.cooldown.total_seconds(),
-                    now=now,
-                )
+                await self._log_outcome(session, o, now)
                 continue
             healthy.update(closes)
             rows.append(
