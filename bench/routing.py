@@ -29,7 +29,10 @@ starts a Temporal dev server in this process (loopback only) and a fresh SQLite 
    of each with 50 in flight (throughput) and ``--sequential`` of each one at a time (p50), in
    ``--rounds`` alternating rounds (medians), and the ratios (goals: throughput ≥ 1.0, latency
    ≤ 1.0). TaskWorkflow runs unsandboxed, as the core worker runs it; the bare workflow runs
-   in the SDK's default sandbox.
+   in the SDK's default sandbox. Also the CPU each workflow costs while 50 are in flight, in
+   this process and in the dev server (read from /proc): on a 2-core machine their sum is what
+   throughput divides. And the CPU of embedding one new prompt, the largest part of the task's
+   own work that the bare shape does not do.
 
 Prints every figure; nothing is asserted (timings are not tests).
 """
@@ -366,6 +369,12 @@ async def workflows(
                 )
         for name, measured in rounds_of.items():
             out[name] = {key: statistics.median(m[key] for m in measured) for key in measured[0]}
+        # Work the bare shape does not do, priced apart: embedding one new prompt (plan).
+        embedder = embedder_from_settings(settings)
+        cpu = time.process_time()
+        for i in range(20):
+            embedder.embed([f"How do I set a retry policy on activity number {i}?"])
+        out["task"]["embed_cpu_ms"] = (time.process_time() - cpu) / 20 * 1000
         return out
     finally:
         for w in [core, bare, bare_node, *node_workers]:
@@ -388,10 +397,42 @@ async def _measure(
         async with gate:
             await run()
 
+    own, server = _cpu_seconds()
     t = time.perf_counter()
     await asyncio.gather(*(limited() for _ in range(tasks)))
     wall = time.perf_counter() - t
-    return {"p50_ms": statistics.median(one_by_one), "per_s": tasks / wall}
+    own_after, server_after = _cpu_seconds()
+    return {
+        "p50_ms": statistics.median(one_by_one),
+        "per_s": tasks / wall,
+        # CPU per workflow while 50 are in flight: this process (client, workers, activities)
+        # and the dev server; on a machine this small their sum is what throughput divides.
+        "own_cpu_ms": (own_after - own) / tasks * 1000,
+        "server_cpu_ms": (server_after - server) / tasks * 1000,
+    }
+
+
+def _cpu_seconds() -> tuple[float, float]:
+    """CPU time used so far by this process, and by its child processes that are still running
+    (the dev server), from /proc; the latter is NaN where there is no /proc."""
+    times = os.times()
+    own = times.user + times.system
+    children = 0.0
+    try:
+        tick = os.sysconf("SC_CLK_TCK")
+        for entry in os.scandir("/proc"):
+            if not entry.name.isdigit():
+                continue
+            try:
+                stat = Path(entry.path, "stat").read_text()
+            except OSError:
+                continue  # ended meanwhile
+            fields = stat.rsplit(")", 1)[1].split()
+            if int(fields[1]) == os.getpid():  # ppid; then utime and stime (fields 14 and 15)
+                children += (int(fields[11]) + int(fields[12])) / tick
+    except (OSError, ValueError):
+        return own, float("nan")
+    return own, children
 
 
 async def main() -> None:
@@ -452,12 +493,19 @@ async def main() -> None:
             task, bare = r["task"], r["bare"]
             print(
                 f"TaskWorkflow (k={K}, instant providers): {task['per_s']:.1f} workflows/s with "
-                f"{args.in_flight} in flight, p50 {task['p50_ms']:.0f} ms one at a time"
+                f"{args.in_flight} in flight, p50 {task['p50_ms']:.0f} ms one at a time; CPU per "
+                f"workflow: this process {task['own_cpu_ms']:.0f} ms, dev server "
+                f"{task['server_cpu_ms']:.0f} ms"
             )
             print(
                 "bare workflow (5 parallel activities + 1, default sandbox): "
                 f"{bare['per_s']:.1f} workflows/s, "
-                f"p50 {bare['p50_ms']:.0f} ms"
+                f"p50 {bare['p50_ms']:.0f} ms; CPU per workflow: this process "
+                f"{bare['own_cpu_ms']:.0f} ms, dev server {bare['server_cpu_ms']:.0f} ms"
+            )
+            print(
+                f"  of the difference, embedding the prompt (MiniLM, once per task) costs "
+                f"{task['embed_cpu_ms']:.1f} ms of CPU"
             )
             print(
                 f"ratio TaskWorkflow / bare: throughput {task['per_s'] / bare['per_s']:.2f} "
