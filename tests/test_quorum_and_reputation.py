@@ -20,12 +20,14 @@ from temporalio import activity
 from temporalio.client import Client
 from temporalio.worker import Worker
 
+from activities import breaker
 from api.main import create_app
 from tests.conftest import wait_for, wait_live
 from workers.core import build_core_worker
 from workflows.task import TaskWorkflow
 from xpando.contracts import (
     AnswerInput,
+    AnswerPolicy,
     AnswerResult,
     ContributionStatus,
     NodeDomain,
@@ -244,6 +246,35 @@ async def test_a_stopped_node_stops_receiving_tasks(
         skipped = {c.node_id: c for c in result.routing.candidates}
         assert skipped[first].outcome == RouteOutcome.SKIPPED
         assert skipped[first].reason.startswith("not live")
+
+
+async def test_an_ask_no_worker_takes_goes_to_another_expert_without_waiting_for_the_hedge(
+    client: Client, settings: Settings, sessions: SessionFactory
+) -> None:
+    """A node that stops after routing last saw it live: its ask waits in its queue until the
+    schedule-to-start timeout, then fails as NodeUnavailable (not retried, counted against the
+    node's breaker); the task goes on with the others long before the 30 s hedge."""
+    settings = settings.model_copy(update={"node_liveness_sweep_s": 3600})  # no fresh sweep
+    up_a, up_b, gone = _ids("up-a", "up-b", "gone")
+    experts = Experts()
+    async with network(client, settings, sessions, experts, [up_a, up_b, gone]) as workers:
+        before = await _run(client, settings, k=3)
+        assert {c.node_id for c in before.contributions} == {up_a, up_b, gone}
+        await workers[gone].shutdown()  # the core's liveness view still has it running
+        experts.asked.clear()
+        after = await _run(
+            client, settings, k=3, answer_policy=AnswerPolicy(schedule_to_start_ms=1500)
+        )
+    by_node = {c.node_id: c for c in after.contributions}
+    assert gone not in experts.asked  # nobody took it
+    assert by_node[up_a].status == by_node[up_b].status == ContributionStatus.OK
+    assert by_node[gone].status == ContributionStatus.FAILED
+    assert by_node[gone].error_type == "NodeUnavailable"
+    assert by_node[gone].latency_ms < 20_000  # failed over at the timeout, not the hedge
+    assert after.answer == GOOD
+    async with sessions() as s:
+        rows = await queries.get_breakers(session=s, keys=[breaker.node_key(gone)])
+    assert rows[breaker.node_key(gone)].consecutive_failures == 1
 
 
 async def _true(value: bool) -> bool:

@@ -65,6 +65,10 @@ RECORD_RETRY = RetryPolicy(
 ANSWER_START_TO_CLOSE = timedelta(seconds=60)
 ANSWER_SCHEDULE_TO_CLOSE = timedelta(minutes=3)
 ANSWER_HEARTBEAT = timedelta(seconds=5)
+# An ask still in its node's queue after this fails (not retried: a retry would only queue it
+# again) and the slot moves to a standby: the node stopped polling after the routing decision saw
+# it live, or every slot of it is busy. Overridable per task (TaskInput.answer_policy).
+ANSWER_SCHEDULE_TO_START = timedelta(seconds=10)
 ANSWER_RETRY = RetryPolicy(
     initial_interval=timedelta(seconds=1),
     backoff_coefficient=2.0,
@@ -565,6 +569,7 @@ class TaskWorkflow:
                 task_queue=candidate.task_queue,
                 start_to_close_timeout=ANSWER_START_TO_CLOSE,
                 schedule_to_close_timeout=ANSWER_SCHEDULE_TO_CLOSE,
+                schedule_to_start_timeout=_schedule_to_start(input.answer_policy),
                 heartbeat_timeout=ANSWER_HEARTBEAT,
                 retry_policy=retry,
                 summary=f"answer on {candidate.node_id}",
@@ -797,6 +802,12 @@ def _hedge_after(policy: AnswerPolicy | None) -> timedelta:
     return timedelta(milliseconds=policy.hedge_after_ms)
 
 
+def _schedule_to_start(policy: AnswerPolicy | None) -> timedelta:
+    if policy is None or not policy.schedule_to_start_ms:
+        return ANSWER_SCHEDULE_TO_START
+    return timedelta(milliseconds=policy.schedule_to_start_ms)
+
+
 def _failure_type(err: BaseException) -> str | None:
     """The type of the first ApplicationError in the chain (a local activity's may be ``err``)."""
     cause: BaseException | None = err
@@ -823,8 +834,13 @@ def _error_type(err: ActivityError) -> str:
     if isinstance(cause, ApplicationError):
         return cause.type or "ApplicationError"
     if isinstance(cause, TimeoutError):
-        # a node that stops heartbeating is gone; any other timeout is a deadline overrun
-        return "NodeUnresponsive" if cause.type == TimeoutType.HEARTBEAT else "DeadlineExceeded"
+        # a node that stops heartbeating is gone, one that never took the ask is gone or full;
+        # any other timeout is a deadline overrun
+        if cause.type == TimeoutType.HEARTBEAT:
+            return "NodeUnresponsive"
+        if cause.type == TimeoutType.SCHEDULE_TO_START:
+            return "NodeUnavailable"
+        return "DeadlineExceeded"
     if isinstance(cause, TemporalCancelledError):
         return "Cancelled"
     return type(cause).__name__ if cause is not None else "ActivityError"

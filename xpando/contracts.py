@@ -122,6 +122,12 @@ class AnswerPolicy(Contract):
     hedge_after_ms: int | None = Field(
         None, ge=1, description="An expert still working after this gets a standby in parallel"
     )
+    schedule_to_start_ms: int | None = Field(
+        None,
+        ge=1,
+        description="An ask that no worker of its node has taken within this fails over to a "
+        "standby at once (the node stopped, or every slot of it is busy)",
+    )
 
 
 class Contribution(Contract):

@@ -103,6 +103,7 @@ BREAKER_EFFECT: dict[str, BreakerEffect] = {
     EMPTY: "node",
     TRUNCATED: "node",
     "NodeUnresponsive": "node",  # the node's worker stopped heartbeating
+    "NodeUnavailable": "node",  # no worker of the node took the ask in time (stopped, or full)
     REFUSAL: "healthy",
     CONTEXT_LENGTH: "healthy",
     "Superseded": "ignore",
