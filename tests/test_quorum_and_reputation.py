@@ -253,7 +253,7 @@ async def test_an_ask_no_worker_takes_goes_to_another_expert_without_waiting_for
 ) -> None:
     """A node that stops after routing last saw it live: its ask waits in its queue until the
     schedule-to-start timeout, then fails as NodeUnavailable (not retried, counted against the
-    node's breaker); the task goes on with the others long before the 30 s hedge."""
+    node's breaker); the task goes on with the others without waiting for the 30 s hedge."""
     settings = settings.model_copy(update={"node_liveness_sweep_s": 3600})  # no fresh sweep
     up_a, up_b, gone = _ids("up-a", "up-b", "gone")
     experts = Experts()
@@ -269,8 +269,7 @@ async def test_an_ask_no_worker_takes_goes_to_another_expert_without_waiting_for
     assert gone not in experts.asked  # nobody took it
     assert by_node[up_a].status == by_node[up_b].status == ContributionStatus.OK
     assert by_node[gone].status == ContributionStatus.FAILED
-    assert by_node[gone].error_type == "NodeUnavailable"
-    assert by_node[gone].latency_ms < 20_000  # failed over at the timeout, not the hedge
+    assert by_node[gone].error_type == "NodeUnavailable"  # the hedge would say DeadlineExceeded
     assert after.answer == GOOD
     async with sessions() as s:
         rows = await queries.get_breakers(session=s, keys=[breaker.node_key(gone)])
