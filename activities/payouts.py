@@ -38,7 +38,8 @@ from solders.pubkey import Pubkey
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
-from activities.chain import (
+from xpando import rewards
+from xpando.chain import (
     READ_ATTEMPTS,
     Chain,
     ChainError,
@@ -51,7 +52,6 @@ from activities.chain import (
     failure_reason,
     signature_of,
 )
-from xpando import rewards
 from xpando.contracts_payouts import (
     ApprovalRecord,
     ApproveResult,

@@ -9,8 +9,8 @@ from fastapi import Depends, Request
 from sqlmodel.ext.asyncio.session import AsyncSession
 from temporalio.client import Client
 
-from activities.registration import NodeRegistry
 from xpando.db import SessionFactory
+from xpando.routing.registry import NodeRegistry
 from xpando.settings import Settings
 from xpando.temporal import NodeLiveness
 

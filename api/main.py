@@ -9,7 +9,7 @@ from fastapi import FastAPI
 
 from api import errors
 from api.routes import health, knowledge, nodes, payouts, tasks
-from workers.core import build_knowledge_index, build_liveness, build_registry
+from workers.wiring import build_knowledge_index, build_liveness, build_registry
 from xpando import __version__, temporal
 from xpando.db import create_engine, init_db, session_factory
 from xpando.settings import Settings, get_settings

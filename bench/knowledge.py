@@ -42,17 +42,18 @@ from typing import Any
 import numpy as np
 from temporalio.client import Client
 
-from activities.providers.base import Provider, ProviderReply, ProviderRequest
-from workers.core import build_core_worker, build_knowledge_index
+from cli.devserver import start_local_env
+from workers.core import build_core_worker
 from workers.node import NodeSpec, build_node, build_node_worker, register
+from workers.wiring import build_knowledge_index
 from workflows.task import TaskWorkflow
 from xpando.contracts import TaskInput, TaskResult
 from xpando.corpus import DEV_DOMAINS, ensure_domain_corpus
 from xpando.db import create_engine, init_db, session_factory
 from xpando.db.models import Knowledge
-from xpando.devserver import start_local_env
 from xpando.embedding import get_embedder
 from xpando.logs import configure_logging
+from xpando.providers.base import Provider, ProviderReply, ProviderRequest
 from xpando.settings import Settings
 from xpando.temporal import NodeLiveness
 

@@ -29,17 +29,18 @@ from pathlib import Path
 from solders.keypair import Keypair
 from temporalio.testing import WorkflowEnvironment
 
-from activities.chain import (
+from cli.devserver import start_local_env
+from workers.core import build_core_worker
+from workers.payouts import build_payout_activities
+from workflows.payout import PayoutSagaWorkflow
+from xpando import rewards
+from xpando.chain import (
     SvmLedger,
     bootstrap_treasury,
     init_embedded_chain,
     payout_transaction,
     token_account,
 )
-from workers.core import build_core_worker
-from workers.payouts import build_payout_activities
-from workflows.payout import PayoutSagaWorkflow
-from xpando import rewards
 from xpando.contracts import (
     Contribution,
     ContributionStatus,
@@ -49,7 +50,6 @@ from xpando.contracts import (
 )
 from xpando.contracts_payouts import PayoutSagaInput, PayoutStage, epoch_workflow_id
 from xpando.db import create_engine, init_db, ledger, queries, session_factory
-from xpando.devserver import start_local_env
 from xpando.logs import configure_logging
 from xpando.settings import Settings
 

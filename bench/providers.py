@@ -36,16 +36,16 @@ from typing import Any
 from pydantic import SecretStr
 from temporalio.client import Client
 
-from activities.providers.base import Pricing, ProviderConfig
-from activities.providers.registry import make_provider
-from tests.fakes.providers import FakeProviders, Fault
+from bench.loopback_providers import FakeProviders, Fault
+from cli.devserver import start_local_env
 from workers.core import build_core_worker
 from workers.node import build_node_worker, register
 from workflows.task import TaskWorkflow
 from xpando.contracts import ContributionStatus, NodeDomain, NodeProfile, TaskInput, TaskResult
 from xpando.db import create_engine, init_db, queries, session_factory
-from xpando.devserver import start_local_env
 from xpando.logs import configure_logging
+from xpando.providers.base import Pricing, ProviderConfig
+from xpando.providers.registry import make_provider
 from xpando.settings import Settings
 from xpando.temporal import NodeLiveness
 

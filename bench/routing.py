@@ -8,7 +8,7 @@ starts a Temporal dev server in this process (loopback only) and a fresh SQLite 
    ``POST /v1/nodes`` of the FastAPI app in process (httpx over ASGI): request validation,
    signature and timestamp verification, nonce insert, domain embedding (once per distinct text),
    the node upsert — 16 requests in flight. Signing is the nodes' work and is timed apart.
-2. **Routing at ``--nodes``**: the ``route`` activity's code (``CoreActivities.route``: prompt
+2. **Routing at ``--nodes``**: the ``route`` activity's code (``Router.route``: prompt
    vector from the embedding cache ``plan`` filled, index refresh check, the breaker query,
    ranking, liveness and breaker checks of the top candidates, diversity, standbys,
    exploration, the explanation) for ``--decisions`` prompts, k=5 plus 2 standbys, a third of
@@ -65,26 +65,23 @@ from sqlalchemy import insert
 from temporalio.client import Client
 from temporalio.worker import Worker
 
-from activities.core import CoreActivities
-from activities.routing import RoutingIndex
 from api.main import create_app
 from bench._bare import BareInput, BareWorkflow, bare_answer, bare_record
-from workers.core import (
-    build_core_worker,
-    build_knowledge_index,
-    build_registry,
-    build_routing_index,
-)
+from cli.devserver import start_local_env
+from workers.core import build_core_worker
 from workers.nodes import FleetSpec, fleet_nodes, fleet_worker, register_fleet, rss_bytes
+from workers.wiring import build_knowledge_index, build_routing_index
 from workflows.task import TaskWorkflow
 from xpando import temporal
+from xpando.breakers import BreakerBook
 from xpando.contracts import NodeAction, NodeDomain, NodeProfile, RouteInput, TaskInput
 from xpando.db import create_engine, init_db, session_factory
 from xpando.db.models import Node
-from xpando.devserver import start_local_env
 from xpando.embedding import embedder_from_settings
 from xpando.identity import sign_request, verify_request
 from xpando.logs import configure_logging
+from xpando.routing.index import RoutingIndex
+from xpando.routing.router import Router
 from xpando.settings import Settings
 from xpando.temporal import NodeLiveness, WorkerBeat
 
@@ -226,12 +223,8 @@ async def routing_speed(
             }
         )
         knowledge = build_knowledge_index(sessions, settings)
-        core = CoreActivities(
-            sessions=sessions,
-            liveness=liveness,
-            knowledge=knowledge,
-            routing_index=index,
-            registry=build_registry(sessions, settings),
+        router = Router(
+            sessions=sessions, index=index, breaker_book=BreakerBook(sessions), liveness=liveness
         )
         rows = _domains()
         prompts = [(p, d["name"]) for d in rows for p in d["prompts"]]
@@ -251,7 +244,7 @@ async def routing_speed(
             if i % 3 == 0:
                 regions = rng.sample(REGIONS, rng.choice((1, 2)))
             started = time.perf_counter()
-            route = await core.route(
+            route = await router.route(
                 RouteInput(
                     task_id=f"bench-{i}",
                     prompt=prompt,

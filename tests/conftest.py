@@ -17,9 +17,9 @@ from temporalio.client import Client
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
 
+from cli.devserver import start_local_env
 from xpando.contracts import NodeProfile
 from xpando.db import SessionFactory, create_engine, init_db, session_factory
-from xpando.devserver import start_local_env
 from xpando.settings import Settings
 from xpando.temporal import NodeLiveness
 

@@ -12,9 +12,9 @@ from solders.keypair import Keypair
 from solders.pubkey import Pubkey
 from temporalio.client import Client
 
-from activities.chain import Chain, SvmLedger, token_account
 from workflows.payout import PayoutSagaWorkflow
 from xpando import rewards
+from xpando.chain import Chain, SvmLedger, token_account
 from xpando.contracts import (
     Contribution,
     ContributionStatus,
@@ -138,7 +138,7 @@ async def wallet_balance(chain: Chain, node: PayNode) -> int:
 
 def memo_transfers(ledger_: SvmLedger, chain: Chain) -> list[tuple[str, int, str]]:
     """(memo, amount, signature) of every successful memo'd transfer out of the treasury."""
-    from activities.chain import parse_transfer
+    from xpando.chain import parse_transfer
 
     out = []
     for landed in ledger_.signatures_for(str(chain.treasury_token_account), limit=10**9):

@@ -9,8 +9,8 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from activities import breaker
-from activities.breaker import BreakerPolicy, node_key, provider_key
+from xpando import breakers
+from xpando.breakers import BreakerPolicy, node_key, provider_key
 from xpando.contracts import BreakerState
 from xpando.db import queries, session_factory
 
@@ -51,10 +51,10 @@ async def _report(
         )
 
 
-async def _state(engine: AsyncEngine, key: str, now: datetime) -> breaker.BreakerView:
+async def _state(engine: AsyncEngine, key: str, now: datetime) -> breakers.BreakerView:
     async with session_factory(engine)() as s:
         rows = await queries.get_breakers(session=s, keys=[key])
-    return breaker.view(rows.get(key), key=key, now=now)
+    return breakers.view(rows.get(key), key=key, now=now)
 
 
 async def test_k_consecutive_failures_open_then_cool_down_to_half_open(
@@ -146,19 +146,21 @@ def test_routing_gate_skips_open_and_claimed_breakers() -> None:
             key=key, scope="node", state="open", open_until=until, probe_until=probe, updated_at=T0
         )
 
-    ok = breaker.gate(node_id="a", provider="openai", region="eu", open_rows={}, now=T0)
+    ok = breakers.gate(node_id="a", provider="openai", region="eu", open_rows={}, now=T0)
     assert ok.allowed and ok.probes == ()
     rows = {node_key("a"): row(node_key("a"), until=T0 + timedelta(seconds=5))}
-    assert not breaker.gate(
+    assert not breakers.gate(
         node_id="a", provider="openai", region="eu", open_rows=rows, now=T0
     ).allowed
     rows = {provider_key("openai", "eu"): row(provider_key("openai", "eu"), until=T0)}
-    probe = breaker.gate(node_id="a", provider="openai", region="eu", open_rows=rows, now=T0)
+    probe = breakers.gate(node_id="a", provider="openai", region="eu", open_rows=rows, now=T0)
     assert probe.allowed and probe.probes == (provider_key("openai", "eu"),)
-    other_region = breaker.gate(node_id="a", provider="openai", region="us", open_rows=rows, now=T0)
+    other_region = breakers.gate(
+        node_id="a", provider="openai", region="us", open_rows=rows, now=T0
+    )
     assert other_region.allowed and other_region.probes == ()
     rows = {node_key("a"): row(node_key("a"), until=T0, probe=T0 + timedelta(seconds=9))}
-    assert not breaker.gate(
+    assert not breakers.gate(
         node_id="a", provider="openai", region="eu", open_rows=rows, now=T0
     ).allowed
 

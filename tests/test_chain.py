@@ -15,7 +15,9 @@ from pathlib import Path
 import pytest
 from solders.keypair import Keypair
 
-from activities.chain import (
+from tests.fakes.solana_rpc import LoopbackSolanaRpc, RpcFaults
+from workers.node import with_wallet
+from xpando.chain import (
     Chain,
     ChainUnavailable,
     LiteSvmChain,
@@ -29,8 +31,6 @@ from activities.chain import (
     signature_of,
     token_account,
 )
-from tests.fakes.solana_rpc import LoopbackSolanaRpc, RpcFaults
-from workers.node import with_wallet
 from xpando.contracts import NodeProfile
 from xpando.keys import load_keypair, load_or_create_keypair, node_key_path, treasury_key_path
 from xpando.settings import Settings
@@ -199,7 +199,7 @@ async def test_the_embedded_chain_survives_restarts_and_is_shared_by_processes(
     out = _run_python(
         f"""
         import asyncio
-        from activities.chain import open_chain, token_account
+        from xpando.chain import open_chain, token_account
         from solders.pubkey import Pubkey
         from xpando.settings import Settings
 
@@ -256,7 +256,7 @@ def test_a_torn_journal_record_is_dropped(settings: Settings) -> None:
 
 def test_chain_init_cli_creates_once_and_explains_a_missing_rpc_setup(tmp_path: Path) -> None:
     env = {**os.environ, "XPANDO_DATA_DIR": str(tmp_path / "data"), "XPANDO_LOG_FORMAT": "json"}
-    run = [sys.executable, "-m", "xpando", "chain", "init"]
+    run = [sys.executable, "-m", "cli", "chain", "init"]
     first = subprocess.run(run, env=env, capture_output=True, text=True, timeout=60)
     second = subprocess.run(run, env=env, capture_output=True, text=True, timeout=60)
     assert first.returncode == 0 and "embedded chain created" in first.stdout, first.stderr

@@ -12,7 +12,7 @@ def _xpando(*args: str, tmp_path: Path) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "XPANDO_DATA_DIR": str(tmp_path), "XPANDO_TEMPORAL_ADDRESS": "127.0.0.1:1"}
     env.pop("XPANDO_NODE_ID", None)
     return subprocess.run(
-        [sys.executable, "-m", "xpando", *args], env=env, capture_output=True, text=True, timeout=60
+        [sys.executable, "-m", "cli", *args], env=env, capture_output=True, text=True, timeout=60
     )
 
 

@@ -53,7 +53,7 @@ def dev_network(
 ) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
     log = (data_dir.parent / "dev.log").open("ab")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "xpando", "dev"],
+        [sys.executable, "-m", "cli", "dev"],
         env=env,
         stdout=log,
         stderr=subprocess.STDOUT,
@@ -143,7 +143,7 @@ def test_make_run_network_end_to_end(tmp_path: Path) -> None:
             [
                 sys.executable,
                 "-m",
-                "xpando",
+                "cli",
                 "task",
                 "submit",
                 "--wait",

@@ -323,7 +323,7 @@ async def test_concurrent_prompts_share_forward_passes() -> None:
     """``CachedEmbedder.embed_one``: prompts asked while a pass runs go into the next pass
     together (fewer, larger forward passes under load), and every caller gets its own text's
     vector — duplicates included."""
-    from activities.routing import EMBED_BATCH, CachedEmbedder
+    from xpando.routing.index import EMBED_BATCH, CachedEmbedder
 
     passes: list[int] = []
 

@@ -15,11 +15,11 @@ import numpy as np
 import pytest
 from pydantic import SecretStr
 
-from activities.routing import RoutingIndex
 from xpando.contracts import NodeDomain, NodeProfile
 from xpando.db import SessionFactory, queries
 from xpando.embedding import HashingEmbedder, embedder_from_settings
 from xpando.embedding_providers import EmbeddingUnavailable, GeminiEmbedder, OpenAIEmbedder
+from xpando.routing.index import RoutingIndex
 from xpando.settings import Settings
 
 

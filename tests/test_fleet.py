@@ -9,11 +9,11 @@ from contextlib import AsyncExitStack
 import pytest
 from temporalio.client import Client
 
+from cli.main import main
 from tests.conftest import wait_live
 from workers.core import build_core_worker
 from workers.nodes import FleetSpec, fleet_nodes, fleet_worker, register_fleet
 from workflows.task import TaskWorkflow
-from xpando.cli import main
 from xpando.contracts import ContributionStatus, TaskInput
 from xpando.db import SessionFactory, queries
 from xpando.settings import Settings

@@ -16,10 +16,10 @@ from temporalio.api.enums.v1 import EventType
 from temporalio.client import Client, WorkflowHandle
 from temporalio.worker import Worker
 
-from activities.knowledge import KnowledgeActivities, knowledge_workflow_id
 from api.main import create_app
 from tests.conftest import offline_network, wait_for, wait_live
-from workers.core import build_core_worker, build_knowledge_index
+from workers.core import build_core_worker
+from workers.wiring import build_knowledge_index
 from workflows.knowledge import KnowledgeWorkflow
 from workflows.task import TaskWorkflow
 from xpando.contracts import (
@@ -39,6 +39,7 @@ from xpando.contracts import (
 )
 from xpando.db import SessionFactory, queries, session_factory
 from xpando.db.models import Knowledge
+from xpando.mother.knowledge import Consolidator, knowledge_workflow_id
 from xpando.settings import Settings
 
 HISTORY_DIR = Path(__file__).parent / "histories"
@@ -245,9 +246,7 @@ async def test_decayed_items_go_stale_and_are_no_longer_found(
                 )
             )
         await s.commit()
-    acts = KnowledgeActivities(
-        sessions=sessions, index=index, client=client, task_queue=settings.core_task_queue
-    )
+    acts = Consolidator(sessions=sessions, index=index)
     assert {h.knowledge_id for h in await index.search("sow seeds", k=5)} == {"kn-old", "kn-new"}
     result = await acts.consolidate(ConsolidateInput(domain="garden", sweep=True))
     assert result.stale == 1 and result.items == 1
@@ -264,7 +263,7 @@ async def test_consolidation_on_sqlite_and_postgresql(
     sessions = session_factory(any_engine)
     settings = Settings(_env_file=None)  # type: ignore[call-arg]
     index = build_knowledge_index(sessions, settings)
-    acts = KnowledgeActivities(sessions=sessions, index=index, client=client, task_queue="q")
+    acts = Consolidator(sessions=sessions, index=index)
     now = datetime.now(UTC)
 
     def item(task_id: str, question: str, answer: str) -> KnowledgeItemInput:

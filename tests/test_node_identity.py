@@ -19,7 +19,6 @@ from temporalio.client import Client, WorkflowFailureError
 from temporalio.common import WorkflowIDConflictPolicy
 from temporalio.exceptions import ApplicationError
 
-from activities.registration import NodeRegistry
 from api.main import create_app
 from workers.core import build_core_worker
 from workers.node import deregister, register, registration_id, submit
@@ -28,6 +27,7 @@ from xpando.contracts import NodeAction, NodeDomain, NodeProfile, RegisterNodeIn
 from xpando.db import SessionFactory, queries, session_factory
 from xpando.embedding import HashingEmbedder
 from xpando.identity import RegistrationRejected, sign_request, signing_message
+from xpando.routing.registry import NodeRegistry
 from xpando.settings import Settings
 
 HISTORY_DIR = Path(__file__).parent / "histories"

@@ -39,7 +39,7 @@ def node_process(
         [
             sys.executable,
             "-m",
-            "xpando",
+            "cli",
             "worker",
             "node",
             "--node-id",

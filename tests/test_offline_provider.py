@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from activities.providers.base import Provider, ProviderRequest
-from activities.providers.offline import OfflineRetrievalProvider
 from xpando.contracts import ContributionStatus, KnowledgeSnippet
 from xpando.corpus import ensure_domain_corpus
+from xpando.providers.base import Provider, ProviderRequest
+from xpando.providers.offline import OfflineRetrievalProvider
 from xpando.retrieval import Passage, save_passages
 
 CORPUS = [

@@ -15,11 +15,11 @@ from solders.keypair import Keypair
 from solders.pubkey import Pubkey
 from temporalio.client import Client
 
-from activities.chain import ChainHandle, RpcChain, SvmLedger, bootstrap_treasury
 from tests.fakes.solana_rpc import LoopbackSolanaRpc, RpcFaults
 from tests.payout_support import accrue, fresh_epoch, payout_settings, register_nodes, settle
 from workers.core import build_core_worker
 from workers.payouts import build_payout_activities
+from xpando.chain import ChainHandle, RpcChain, SvmLedger, bootstrap_treasury
 from xpando.contracts_payouts import PayoutStage
 from xpando.db import SessionFactory, ledger
 from xpando.db.ledger_models import Payout
@@ -42,7 +42,7 @@ class RpcEnv:
 
     def transfers(self, chain: RpcChain) -> Counter[str]:
         """Successful memo'd transfers out of the treasury, by memo (= payout id)."""
-        from activities.chain import parse_transfer
+        from xpando.chain import parse_transfer
 
         found: Counter[str] = Counter()
         for landed in self.ledger.signatures_for(str(chain.treasury_token_account), limit=10**9):

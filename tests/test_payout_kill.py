@@ -28,7 +28,11 @@ from solders.keypair import Keypair
 from temporalio.client import Client
 from temporalio.worker import Worker
 
-from activities.chain import (
+from tests.fakes.solana_rpc import LoopbackSolanaRpc, RpcFaults
+from tests.payout_support import accrue, fresh_epoch, payout_settings, register_nodes
+from workers.payouts import build_payout_activities, payout_activity_methods
+from workflows.payout import PayoutSagaWorkflow
+from xpando.chain import (
     Chain,
     ChainHandle,
     LiteSvmChain,
@@ -39,10 +43,6 @@ from activities.chain import (
     ledger_path,
     parse_transfer,
 )
-from tests.fakes.solana_rpc import LoopbackSolanaRpc, RpcFaults
-from tests.payout_support import accrue, fresh_epoch, payout_settings, register_nodes
-from workers.payouts import build_payout_activities, payout_activity_methods
-from workflows.payout import PayoutSagaWorkflow
 from xpando.contracts_payouts import PayoutSagaInput, PayoutStage, epoch_workflow_id
 from xpando.db import SessionFactory, ledger
 from xpando.keys import load_keypair, treasury_key_path

@@ -30,14 +30,6 @@ from temporalio.client import Client, WorkflowHandle
 from temporalio.service import RPCError
 from temporalio.worker import Worker
 
-from activities.chain import (
-    ChainHandle,
-    LiteSvmChain,
-    SvmLedger,
-    init_embedded_chain,
-    ledger_path,
-    token_account,
-)
 from activities.payouts import PayoutHooks
 from api.main import create_app
 from tests.conftest import wait_for
@@ -56,6 +48,14 @@ from workers.core import build_core_worker
 from workers.payouts import build_payout_activities
 from workflows.payout import PayoutSagaWorkflow
 from xpando import rewards
+from xpando.chain import (
+    ChainHandle,
+    LiteSvmChain,
+    SvmLedger,
+    init_embedded_chain,
+    ledger_path,
+    token_account,
+)
 from xpando.contracts_payouts import (
     PayoutStage,
     epoch_workflow_id,

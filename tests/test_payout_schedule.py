@@ -9,12 +9,12 @@ import pytest
 from temporalio.client import Client, ScheduleActionStartWorkflow
 from temporalio.service import RPCError
 
-from activities.chain import init_embedded_chain
 from tests.conftest import wait_for
 from tests.payout_support import accrue, fresh_epoch, payout_settings, register_nodes
 from tests.test_payout_saga import core_worker, record_history
 from workers.payouts import ensure_payout_schedule, schedule_id
 from workflows.payout import PayoutSagaWorkflow
+from xpando.chain import init_embedded_chain
 from xpando.contracts_payouts import PayoutStage, epoch_workflow_id
 from xpando.db import SessionFactory
 from xpando.settings import Settings

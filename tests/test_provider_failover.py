@@ -23,15 +23,13 @@ from pydantic import SecretStr
 from temporalio.client import Client, WorkflowExecutionStatus, WorkflowFailureError
 from temporalio.exceptions import ApplicationError
 
-from activities.breaker import node_key, provider_key
-from activities.providers.base import Pricing, ProviderConfig
-from activities.providers.registry import make_provider
 from api.main import create_app
+from bench.loopback_providers import DEFAULT_ANSWER, FakeProviders, Fault
 from tests.conftest import wait_for, wait_live
-from tests.fakes.providers import DEFAULT_ANSWER, FakeProviders, Fault
 from workers.core import build_core_worker
 from workers.node import build_node_worker, register
 from workflows.task import TaskWorkflow
+from xpando.breakers import node_key, provider_key
 from xpando.contracts import (
     AnswerPolicy,
     BreakerState,
@@ -42,6 +40,8 @@ from xpando.contracts import (
     TaskResult,
 )
 from xpando.db import SessionFactory, queries
+from xpando.providers.base import Pricing, ProviderConfig
+from xpando.providers.registry import make_provider
 from xpando.settings import Settings
 
 HISTORY_DIR = Path(__file__).parent / "histories"

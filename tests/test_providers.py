@@ -18,12 +18,12 @@ import pytest
 from pydantic import SecretStr
 from temporalio.exceptions import ApplicationError
 
-from activities.providers import errors
-from activities.providers.base import Pricing, ProviderConfig, ProviderRequest
-from activities.providers.registry import ProviderConfigError, make_provider
-from tests.fakes.providers import DEFAULT_ANSWER, FakeProviders, Fault
+from bench.loopback_providers import DEFAULT_ANSWER, FakeProviders, Fault
 from workers.node import NodeConfigError, NodeSpec, build_node
 from xpando.contracts import ContributionStatus, KnowledgeSnippet
+from xpando.providers import errors
+from xpando.providers.base import Pricing, ProviderConfig, ProviderRequest
+from xpando.providers.registry import ProviderConfigError, make_provider
 from xpando.settings import Settings
 
 PROVIDERS = ("openai", "anthropic", "gemini")
@@ -274,7 +274,7 @@ def test_cli_refuses_a_provider_node_without_a_key(tmp_path: Path) -> None:
         [
             sys.executable,
             "-m",
-            "xpando",
+            "cli",
             "worker",
             "node",
             "--node-id",

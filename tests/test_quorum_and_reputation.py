@@ -20,11 +20,11 @@ from temporalio import activity
 from temporalio.client import Client
 from temporalio.worker import Worker
 
-from activities import breaker
 from api.main import create_app
 from tests.conftest import wait_for, wait_live
 from workers.core import build_core_worker
 from workflows.task import TaskWorkflow
+from xpando import breakers
 from xpando.contracts import (
     AnswerInput,
     AnswerPolicy,
@@ -272,8 +272,8 @@ async def test_an_ask_no_worker_takes_goes_to_another_expert_without_waiting_for
     assert by_node[gone].error_type == "NodeUnavailable"  # the hedge would say DeadlineExceeded
     assert after.answer == GOOD
     async with sessions() as s:
-        rows = await queries.get_breakers(session=s, keys=[breaker.node_key(gone)])
-    assert rows[breaker.node_key(gone)].consecutive_failures == 1
+        rows = await queries.get_breakers(session=s, keys=[breakers.node_key(gone)])
+    assert rows[breakers.node_key(gone)].consecutive_failures == 1
 
 
 async def _true(value: bool) -> bool:

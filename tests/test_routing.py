@@ -1,4 +1,4 @@
-"""Routing decisions through the ``route`` activity's code (``CoreActivities.route``) over a real
+"""Routing decisions through the ``route`` activity's code (``Router.route``) over a real
 database, the real embedder and a routing index loaded from it.
 
 Liveness: these tests register nodes without running 24 workers, so they hand the real
@@ -21,9 +21,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from temporalio.client import Client
 from temporalio.exceptions import ApplicationError
 
-from activities.core import CoreActivities
-from activities.routing import RoutingConfig, RoutingIndex, explores
-from workers.core import build_knowledge_index, build_registry
+from workers.wiring import build_knowledge_index
+from xpando.breakers import BreakerBook
 from xpando.contracts import (
     Contribution,
     ContributionStatus,
@@ -38,6 +37,8 @@ from xpando.contracts import (
 from xpando.db import SessionFactory, queries, session_factory
 from xpando.db import nodes as node_queries
 from xpando.embedding import HashingEmbedder
+from xpando.routing.index import RoutingConfig, RoutingIndex, explores
+from xpando.routing.router import Router
 from xpando.settings import Settings
 from xpando.temporal import NodeLiveness, WorkerBeat
 
@@ -76,20 +77,19 @@ def _core(
     settings: Settings,
     liveness: NodeLiveness,
     config: RoutingConfig | None = None,
-) -> CoreActivities:
+) -> Router:
     knowledge = build_knowledge_index(sessions, settings)
-    return CoreActivities(
+    return Router(
         sessions=sessions,
-        liveness=liveness,
-        knowledge=knowledge,
-        routing_index=RoutingIndex(
+        index=RoutingIndex(
             sessions, knowledge.embedder, config=config or RoutingConfig.from_settings(settings)
         ),
-        registry=build_registry(sessions, settings),
+        breaker_book=BreakerBook(sessions),
+        liveness=liveness,
     )
 
 
-async def _route(core: CoreActivities, prompt: str, **kw: Any) -> RouteResult:
+async def _route(core: Router, prompt: str, **kw: Any) -> RouteResult:
     values: dict[str, Any] = {"task_id": f"t-{uuid.uuid4().hex[:8]}", "k": 3, "standbys": 2}
     values.update(kw)
     return await core.route(RouteInput(prompt=prompt, **values))

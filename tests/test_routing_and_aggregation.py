@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from activities import aggregate
 from xpando.contracts import Contribution, ContributionStatus
+from xpando.mother import aggregate
 
 
 def _c(

@@ -17,15 +17,7 @@ from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
 from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.worker import Worker
 
-from activities.node import NodeActivities
-from activities.providers.base import Pricing, Provider, ProviderConfig
-from activities.providers.offline import OfflineRetrievalProvider
-from activities.providers.registry import (
-    DEFAULT_MODELS,
-    MODEL_PROVIDERS,
-    ProviderConfigError,
-    make_provider,
-)
+from activities.answering import AnsweringActivities
 from workers.runtime import stop_on_signals
 from workflows.node_registration import NodeRegistrationWorkflow
 from xpando import temporal
@@ -41,6 +33,14 @@ from xpando.corpus import DEV_DOMAINS, ensure_domain_corpus
 from xpando.identity import sign_request
 from xpando.keys import KeyFileError, load_or_create_keypair, node_key_path, parse_keypair
 from xpando.logs import get_logger
+from xpando.providers.base import Pricing, Provider, ProviderConfig
+from xpando.providers.offline import OfflineRetrievalProvider
+from xpando.providers.registry import (
+    DEFAULT_MODELS,
+    MODEL_PROVIDERS,
+    ProviderConfigError,
+    make_provider,
+)
 from xpando.retrieval import RetrievalIndex, load_passages
 from xpando.settings import Settings
 
@@ -168,7 +168,7 @@ def build_node(spec: NodeSpec, *, data_dir: Path) -> tuple[NodeProfile, Provider
 def build_node_worker(
     client: Client, *, profile: NodeProfile, provider: Provider, simulated_latency_ms: int = 0
 ) -> Worker:
-    node = NodeActivities(
+    node = AnsweringActivities(
         profile=profile, provider=provider, simulated_latency_ms=simulated_latency_ms
     )
     return Worker(

@@ -26,9 +26,7 @@ from solders.keypair import Keypair
 from temporalio.client import Client, WorkflowFailureError
 from temporalio.worker import PollerBehaviorSimpleMaximum, Worker
 
-from activities.node import NodeActivities
-from activities.providers.base import Provider, ProviderReply, ProviderRequest
-from activities.providers.offline import OfflineRetrievalProvider
+from activities.answering import AnsweringActivities
 from workers.node import DOMAIN_KEYWORDS, register
 from workers.runtime import stop_on_signals
 from xpando import temporal
@@ -36,6 +34,8 @@ from xpando.contracts import ContributionStatus, NodeDomain, NodeProfile
 from xpando.corpus import DEV_DOMAINS, ensure_domain_corpus
 from xpando.keys import load_or_create_keypair, node_key_path
 from xpando.logs import get_logger
+from xpando.providers.base import Provider, ProviderReply, ProviderRequest
+from xpando.providers.offline import OfflineRetrievalProvider
 from xpando.retrieval import RetrievalIndex, load_passages
 from xpando.settings import Settings
 
@@ -127,7 +127,7 @@ def fleet_nodes(spec: FleetSpec, *, data_dir: Path, keys: bool = True) -> list[F
 
 
 def fleet_worker(client: Client, node: FleetNode, *, simulated_latency_ms: int = 0) -> Worker:
-    activities = NodeActivities(
+    activities = AnsweringActivities(
         profile=node.profile, provider=node.provider, simulated_latency_ms=simulated_latency_ms
     )
     return Worker(

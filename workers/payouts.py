@@ -19,9 +19,9 @@ from temporalio.client import (
 )
 from temporalio.service import RPCError, RPCStatusCode
 
-from activities.chain import ChainHandle
 from activities.payouts import PayoutActivities, PayoutConfig, PayoutHooks
 from workflows.payout import PayoutSagaWorkflow
+from xpando.chain import ChainHandle
 from xpando.contracts_payouts import PayoutSagaInput
 from xpando.db import SessionFactory
 from xpando.logs import get_logger

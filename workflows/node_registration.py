@@ -17,7 +17,7 @@ from temporalio.common import RetryPolicy
 from temporalio.exceptions import ActivityError, ApplicationError
 
 with workflow.unsafe.imports_passed_through():
-    from activities.core import CoreActivities
+    from activities.registration import RegistrationActivities
     from xpando.contracts import RegisterNodeInput, RegisterNodeResult
 
 REGISTER_TIMEOUT = timedelta(seconds=30)
@@ -32,7 +32,7 @@ class NodeRegistrationWorkflow:
             input = input.model_copy(update={"received_at": workflow.info().start_time})
         try:
             return await workflow.execute_activity_method(
-                CoreActivities.register_node,
+                RegistrationActivities.register_node,
                 input,
                 start_to_close_timeout=REGISTER_TIMEOUT,
                 retry_policy=REGISTER_RETRY,

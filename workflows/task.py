@@ -20,11 +20,10 @@ from temporalio.exceptions import (
 )
 
 with workflow.unsafe.imports_passed_through():
-    from activities.aggregate import knowledge_item, winning_domain
-    from activities.core import CoreActivities
+    from activities.answering import AnsweringActivities
     from activities.knowledge import KnowledgeActivities
-    from activities.node import NodeActivities
-    from activities.providers.errors import usage_of
+    from activities.recording import RecordingActivities
+    from activities.routing import RoutingActivities
     from xpando import temporal as sa
     from xpando.contracts import (
         AggregateInput,
@@ -52,6 +51,8 @@ with workflow.unsafe.imports_passed_through():
         TaskResult,
         TaskStage,
     )
+    from xpando.mother.aggregate import knowledge_item, winning_domain
+    from xpando.providers.errors import usage_of
 
 # Core steps are short and need no other queue: local activities on the core worker.
 CORE_STEP_TIMEOUT = timedelta(seconds=30)
@@ -141,7 +142,7 @@ class TaskWorkflow:
         if self._lean:
             try:
                 both: PlanRouteResult = await workflow.execute_local_activity_method(
-                    CoreActivities.plan_route,
+                    RoutingActivities.plan_route,
                     PlanRouteInput(plan=planned, route=self._route_input(input, k=input.k)),
                     start_to_close_timeout=CORE_STEP_TIMEOUT,
                     retry_policy=CORE_STEP_RETRY,
@@ -227,7 +228,7 @@ class TaskWorkflow:
     ) -> AggregateResult:
         """Aggregate and record in one local activity (lean runs)."""
         finished: FinishResult = await workflow.execute_local_activity_method(
-            CoreActivities.finish,
+            RecordingActivities.finish,
             FinishInput(
                 aggregate=_aggregate_input(input, contributions),
                 record=RecordInput(
@@ -502,7 +503,7 @@ class TaskWorkflow:
         """One routing decision (a local activity on the core worker); raises when no expert
         is available."""
         route: RouteResult = await workflow.execute_local_activity_method(
-            CoreActivities.route,
+            RoutingActivities.route,
             self._route_input(input, k=k, exclude=exclude),
             start_to_close_timeout=CORE_STEP_TIMEOUT,
             retry_policy=CORE_STEP_RETRY,
@@ -516,7 +517,7 @@ class TaskWorkflow:
             return
         try:
             await workflow.execute_local_activity_method(
-                CoreActivities.report_outcome,
+                RoutingActivities.report_outcome,
                 self._outcome(contribution),
                 start_to_close_timeout=CORE_STEP_TIMEOUT,
                 retry_policy=OUTCOME_RETRY,
@@ -559,7 +560,7 @@ class TaskWorkflow:
         started = workflow.now()
         try:
             answer: AnswerResult = await workflow.execute_activity_method(
-                NodeActivities.answer,
+                AnsweringActivities.answer,
                 AnswerInput(
                     task_id=input.task_id,
                     prompt=input.prompt,
@@ -669,7 +670,7 @@ class TaskWorkflow:
 
     async def _record(self, record: RecordInput) -> None:
         await workflow.execute_local_activity_method(
-            CoreActivities.record,
+            RecordingActivities.record,
             record,
             start_to_close_timeout=CORE_STEP_TIMEOUT,
             retry_policy=RECORD_RETRY,

@@ -4,7 +4,7 @@ A node's public key is its identity and its payout address (``NodeProfile.wallet
 lives at ``<data_dir>/keys/<node_id>.json`` (or comes from ``XPANDO_NODE_KEY``). Registering,
 updating a profile and deregistering are one request shape, :class:`SignedNodeRequest`, sent
 either to ``POST /v1/nodes`` / ``DELETE /v1/nodes/{id}`` or by ``xpando worker node`` through
-``NodeRegistrationWorkflow``; both end in the same verification (``activities/registration.py``).
+``NodeRegistrationWorkflow``; both end in the same verification (``xpando/routing/registry.py``).
 
 What is signed (``signing_message``)::
 

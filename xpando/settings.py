@@ -124,7 +124,7 @@ class Settings(BaseSettings):
         validation_alias=AliasChoices("XPANDO_GEMINI_API_KEY", "GEMINI_API_KEY", "GOOGLE_API_KEY"),
     )
 
-    # --- routing and reputation (formula: activities/routing.py) ------------------------------
+    # --- routing and reputation (formula: xpando/routing/index.py) ------------------------------
     routing_fit_power: float = Field(
         4.0, ge=0.5, le=16, description="gamma: score grows with domain fit ** gamma"
     )

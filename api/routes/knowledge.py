@@ -8,7 +8,6 @@ from typing import Annotated
 from fastapi import APIRouter, Path, Query, Request
 from temporalio.service import RPCError, RPCStatusCode
 
-from activities.knowledge import KnowledgeIndex, effective_confidence, knowledge_workflow_id
 from api.deps import SessionDep, SettingsDep, TemporalClientDep
 from api.errors import ApiError
 from api.schemas import ID_PATTERN, KnowledgeList, KnowledgeView
@@ -16,6 +15,7 @@ from workflows.knowledge import KnowledgeWorkflow
 from xpando.contracts import KnowledgeStats, Provenance
 from xpando.db import queries
 from xpando.db.models import Knowledge
+from xpando.mother.knowledge import KnowledgeIndex, effective_confidence, knowledge_workflow_id
 
 router = APIRouter(prefix="/v1/knowledge", tags=["knowledge"])
 

@@ -10,15 +10,15 @@ from typing import Annotated, Literal
 
 from fastapi import APIRouter, Query, Response
 
-from activities.breaker import node_key, provider_key, view
-from activities.registration import NodeRegistry, Registered
 from api.deps import LivenessDep, RegistryDep, SessionDep, SettingsDep
 from api.errors import ApiError
 from api.schemas import NodeList, NodeRegistered, NodeView, Region
+from xpando.breakers import node_key, provider_key, view
 from xpando.contracts import NodeAction, NodeDomain, SignedNodeRequest
 from xpando.db import queries
 from xpando.embedding_providers import EmbeddingUnavailable
 from xpando.identity import RegistrationRejected
+from xpando.routing.registry import NodeRegistry, Registered
 
 router = APIRouter(prefix="/v1/nodes", tags=["nodes"])
 

@@ -21,10 +21,10 @@ from datetime import timedelta
 
 from temporalio.worker import Worker
 
-from activities.chain import ChainHandle
 from activities.payouts import PayoutHooks
 from workers.payouts import build_payout_activities, payout_activity_methods
 from xpando import temporal
+from xpando.chain import ChainHandle
 from xpando.db import create_engine, session_factory
 from xpando.settings import Settings
 

@@ -3,7 +3,7 @@
 It speaks the wire format of a real validator's RPC (the methods xpando uses), so tests drive
 the real solana-py ``AsyncClient`` — its request serialization, its solders response parsing,
 its error types — and xpando's confirmation loop over it. The chain behind it is the same
-:class:`activities.chain.SvmLedger` the embedded chain uses (real SPL Token, Associated Token and
+:class:`xpando.chain.SvmLedger` the embedded chain uses (real SPL Token, Associated Token and
 Memo programs), kept in memory: it outlives the workers that talk to it, as a real cluster does.
 
 Faults (``RpcFaults``) are scripted (``script.append(("sendTransaction", "lost_response"))``) or
@@ -35,7 +35,7 @@ from typing import Any
 
 from solders.pubkey import Pubkey
 
-from activities.chain import (
+from xpando.chain import (
     Landed,
     SvmLedger,
     TransactionRejected,

@@ -114,7 +114,7 @@ class Knowledge(SQLModel, table=True):
 
 
 class Breaker(SQLModel, table=True):
-    """A circuit breaker, shared by every process that routes (see ``activities/breaker.py``).
+    """A circuit breaker, shared by every process that routes (see ``xpando/breakers.py``).
 
     ``state`` is ``closed`` or ``open``; an open breaker whose ``open_until`` has passed is
     half-open, and ``probe_until`` (with ``probe_task``) is the lease of its one probe.

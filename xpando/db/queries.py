@@ -90,7 +90,7 @@ async def upsert_node(
 ) -> tuple[bool, datetime]:
     """Register or update a node without a signature check; returns (created, registered_at).
 
-    The network's registration path is ``activities/registration.py`` (signed requests); this
+    The network's registration path is ``xpando/routing/registry.py`` (signed requests); this
     direct write is for operators' tooling, tests and benchmarks."""
     existing = await session.get(Node, profile.node_id)
     values = {**node_columns(profile, now), "wallet": profile.wallet}
@@ -309,7 +309,7 @@ async def active_knowledge_page(
 
 
 # --- circuit breakers ----------------------------------------------------------------------------
-# The policy is in activities/breaker.py; these are its atomic writes. Each statement is one
+# The policy is in xpando/breakers.py; these are its atomic writes. Each statement is one
 # UPDATE whose CASE expressions decide the transition, so concurrent reports from several core
 # workers never lose a count, on SQLite and PostgreSQL alike.
 

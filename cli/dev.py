@@ -22,14 +22,14 @@ from typing import IO
 
 import httpx
 
+from cli.devserver import start_dev_command
 from xpando import temporal
 from xpando.corpus import DEV_DOMAINS, ensure_domain_corpus
 from xpando.db import create_engine, init_db
-from xpando.devserver import start_dev_command
 from xpando.logs import get_logger
 from xpando.settings import Settings
 
-log = get_logger("xpando.dev")
+log = get_logger("cli.dev")
 
 STOP_GRACE_S = 10.0
 READY_TIMEOUT_S = 120.0
@@ -164,7 +164,7 @@ class Supervisor:
                 )
             )
         asyncio.run(self._prepare())
-        self._spawn(Child("core-worker", [python, "-m", "xpando", "worker", "core"]))
+        self._spawn(Child("core-worker", [python, "-m", "cli", "worker", "core"]))
         for node_id, region, domain in dev_node_specs(s):
             self._spawn(
                 Child(
@@ -172,7 +172,7 @@ class Supervisor:
                     [
                         python,
                         "-m",
-                        "xpando",
+                        "cli",
                         "worker",
                         "node",
                         "--node-id",
@@ -184,7 +184,7 @@ class Supervisor:
                     ],
                 )
             )
-        self._spawn(Child("api", [python, "-m", "xpando", "api"]))
+        self._spawn(Child("api", [python, "-m", "cli", "api"]))
 
     async def _prepare(self) -> None:
         s = self.settings
@@ -196,7 +196,7 @@ class Supervisor:
         await init_db(engine)
         await engine.dispose()
         if s.chain == "embedded":  # first start: the XPD mint, the treasury, its funds
-            from activities.chain import init_chain
+            from xpando.chain import init_chain
 
             chain = await init_chain(s)
             log.info(

@@ -8,16 +8,16 @@ import time
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
-from activities.providers.base import Provider, ProviderReply, ProviderRequest
 from xpando.contracts import AnswerInput, AnswerResult, NodeProfile
 from xpando.logs import get_logger
+from xpando.providers.base import Provider, ProviderReply, ProviderRequest
 
 log = get_logger(__name__)
 
 HEARTBEAT_EVERY_S = 1.0
 
 
-class NodeActivities:
+class AnsweringActivities:
     """Answers tasks through this node's provider, heartbeating so a dead worker is noticed
     within the heartbeat timeout and a cancelled task stops the provider call."""
 

@@ -143,12 +143,12 @@ class CliError(Exception):
 
 def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
     if args.command == "dev":
-        from xpando.dev import run_dev
+        from cli.dev import run_dev
 
         return run_dev(settings)
     if args.command == "worker" and args.kind == "core":
-        from activities.providers.registry import ProviderConfigError
         from workers.core import run_core_worker
+        from xpando.providers.registry import ProviderConfigError
 
         try:
             asyncio.run(run_core_worker(settings))
@@ -285,7 +285,7 @@ async def _db_init(settings: Settings) -> None:
 
 
 def _chain_init(settings: Settings) -> int:
-    from activities.chain import ChainError, init_chain
+    from xpando.chain import ChainError, init_chain
     from xpando.keys import KeyFileError
 
     try:

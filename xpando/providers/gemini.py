@@ -16,15 +16,15 @@ from google import genai
 from google.genai import errors as genai_errors
 from google.genai import types
 
-from activities.providers import errors
-from activities.providers.base import (
+from xpando.contracts import ContributionStatus
+from xpando.providers import errors
+from xpando.providers.base import (
     ProviderConfig,
     ProviderReply,
     ProviderRequest,
     answer_relevance,
     system_prompt,
 )
-from xpando.contracts import ContributionStatus
 
 try:  # google-genai may use httpx or its fork httpx2, whichever is installed
     import httpx2

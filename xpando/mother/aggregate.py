@@ -40,6 +40,7 @@ from collections.abc import Mapping, Sequence
 from datetime import datetime
 
 from xpando.contracts import (
+    AggregateInput,
     AggregateResult,
     AggregationStrategy,
     Contribution,
@@ -47,7 +48,11 @@ from xpando.contracts import (
     KnowledgeItemInput,
     ProvenanceNode,
 )
+from xpando.logs import get_logger
+from xpando.providers.base import Provider, ProviderRequest
 from xpando.retrieval import tokenize
+
+log = get_logger(__name__)
 
 NO_ANSWER_TEXT = "No expert found relevant material for this question."
 CLUSTER_THRESHOLD = 0.5
@@ -305,3 +310,28 @@ def consensus(contributions: Sequence[Contribution]) -> AggregateResult:
 def _reverse(node_id: str) -> tuple[int, ...]:
     # max() with a key that prefers the lowest node id among equal qualities
     return tuple(-ord(ch) for ch in node_id)
+
+
+async def aggregate_with(aggregator: Provider | None, input: AggregateInput) -> AggregateResult:
+    """:func:`aggregate`, with ``aggregator`` (a model) writing ``synthesize`` answers from the
+    majority's answers; the consensus answer when it fails (the experts' answers still stand)."""
+    result = aggregate(input.contributions, input.strategy)
+    if input.strategy != AggregationStrategy.SYNTHESIZE or aggregator is None:
+        return result
+    agreeing = majority(input.contributions)
+    if not agreeing:
+        return result
+    try:
+        reply = await aggregator.answer(
+            ProviderRequest(prompt=synthesis_prompt(input.prompt, agreeing))
+        )
+    except Exception as err:
+        log.warning("aggregator model failed", task_id=input.task_id, error=str(err))
+        fallback = aggregate(input.contributions, AggregationStrategy.CONSENSUS)
+        return fallback.model_copy(
+            update={
+                "strategy": AggregationStrategy.SYNTHESIZE,
+                "note": f"aggregator model failed ({type(err).__name__}); consensus answer",
+            }
+        )
+    return aggregate(input.contributions, input.strategy, synthesized=reply.text)

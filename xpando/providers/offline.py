@@ -14,8 +14,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from activities.providers.base import ProviderReply, ProviderRequest
 from xpando.contracts import Citation, ContributionStatus, KnowledgeSnippet
+from xpando.providers.base import ProviderReply, ProviderRequest
 from xpando.retrieval import Passage, RetrievalIndex, load_passages, tokenize
 
 __all__ = ["KNOWLEDGE_MIN_OVERLAP", "OfflineRetrievalProvider"]

@@ -3,7 +3,7 @@ Mother Core when it runs an aggregator model)."""
 
 from __future__ import annotations
 
-from activities.providers.base import Provider, ProviderConfig
+from xpando.providers.base import Provider, ProviderConfig
 
 # A sensible model per provider when a node does not name one (override with --model).
 DEFAULT_MODELS = {
@@ -50,13 +50,13 @@ def make_provider(config: ProviderConfig) -> Provider:
     if config.pricing.input_per_mtok < 0 or config.pricing.output_per_mtok < 0:
         raise ProviderConfigError("prices must be >= 0 USD per 1M tokens")
     if config.provider in ("openai", "openai-compatible"):
-        from activities.providers.openai_chat import OpenAIChatProvider
+        from xpando.providers.openai_chat import OpenAIChatProvider
 
         return OpenAIChatProvider(config)
     if config.provider == "anthropic":
-        from activities.providers.anthropic_messages import AnthropicMessagesProvider
+        from xpando.providers.anthropic_messages import AnthropicMessagesProvider
 
         return AnthropicMessagesProvider(config)
-    from activities.providers.gemini import GeminiProvider
+    from xpando.providers.gemini import GeminiProvider
 
     return GeminiProvider(config)

@@ -8,7 +8,7 @@ Policy (the numbers are settings: ``XPANDO_BREAKER_FAILURES``, ``XPANDO_BREAKER_
   then succeeds through a standby. One *ask* is one ``answer`` activity: Temporal's retries of
   it are inside the ask, so a 429 that succeeds on its second attempt is a success, and one
   that exhausts its attempts is one failure.
-* How a failure counts depends on its type (``activities/providers/errors.py``
+* How a failure counts depends on its type (``xpando/providers/errors.py``
   ``BREAKER_EFFECT``): outages, overload, timeouts and deadline overruns count against the
   node *and* its ``provider@region``; a bad key, a spent quota, a rate limit or an unusable
   answer count against the node only; a refusal or an over-long prompt is the request's fault
@@ -27,19 +27,27 @@ and the API see the same breakers. ``GET /v1/nodes`` shows them.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-from activities.providers.errors import breaker_effect
-from xpando.contracts import BreakerState, BreakerView
+from sqlmodel.ext.asyncio.session import AsyncSession
+
+from xpando.contracts import BreakerState, BreakerView, ExpertOutcomeInput
+from xpando.db import SessionFactory, queries
+from xpando.db import nodes as node_queries
 from xpando.db.models import Breaker
 from xpando.db.queries import as_utc
+from xpando.providers.errors import breaker_effect
 from xpando.settings import Settings
 
 # How long a claimed probe is reserved for its task: as long as one ask may take
 # (TaskWorkflow's ANSWER_SCHEDULE_TO_CLOSE), after which another task may probe.
 PROBE_LEASE = timedelta(minutes=3)
+# Routing reads the circuit breakers at most this often (and after any outcome this process
+# writes), so a burst of decisions is not a burst of queries.
+BREAKER_CACHE_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -137,3 +145,99 @@ def gate(
                 return Gate(allowed=False)
             probes.append(key)
     return Gate(allowed=True, probes=tuple(probes))
+
+
+class BreakerBook:
+    """The breakers as one process sees and writes them: routing reads the troubled ones
+    (cached for :data:`BREAKER_CACHE_S`), outcome reports and task records write them. One book
+    is shared by the routing and recording activities of a worker, so a write it makes is seen
+    by its next routing decision at once (another process's within the cache time)."""
+
+    def __init__(self, sessions: SessionFactory, policy: BreakerPolicy | None = None) -> None:
+        self._sessions = sessions
+        self.policy = policy or BreakerPolicy()
+        self._troubled: tuple[float, dict[str, Breaker]] | None = None
+
+    async def troubled(self) -> dict[str, Breaker]:
+        """Breakers that are open or counting failures."""
+        now = time.monotonic()
+        cached = self._troubled
+        if cached is not None and now - cached[0] < BREAKER_CACHE_S:
+            return cached[1]
+        async with self._sessions() as session:
+            rows = await node_queries.troubled_breakers(session=session)
+        self._troubled = (now, rows)
+        return rows
+
+    def invalidate(self) -> None:
+        """The next decision reads the breakers again."""
+        self._troubled = None
+
+    def effects(self, o: ExpertOutcomeInput) -> tuple[list[tuple[str, str, int]], list[str]]:
+        return self.policy.effects(
+            node_id=o.node_id,
+            provider=o.provider,
+            region=o.region,
+            ok=o.ok,
+            error_type=o.error_type,
+        )
+
+    async def report(self, o: ExpertOutcomeInput, now: datetime) -> tuple[bool, list[BreakerView]]:
+        """Count one ask's outcome (logged once) against its breakers; returns whether it was
+        new and the node's and provider's breakers after it."""
+        self.invalidate()
+        async with self._sessions() as session:
+            recorded = await self.log_outcome(session, o, now)
+            keys = [node_key(o.node_id), provider_key(o.provider, o.region)]
+            rows = await queries.get_breakers(session=session, keys=keys)
+        return recorded, [view(rows.get(k), key=k, now=now) for k in keys]
+
+    async def log_outcome(
+        self, session: AsyncSession, o: ExpertOutcomeInput, now: datetime
+    ) -> bool:
+        """One outcome, logged once and applied to its breakers (commits)."""
+        failing, healthy = self.effects(o)
+        return await queries.record_expert_outcome(
+            session=session,
+            event_id=o.event_id,
+            task_id=o.task_id,
+            node_id=o.node_id,
+            provider=o.provider,
+            region=o.region,
+            ok=o.ok,
+            error_type=o.error_type,
+            error=o.error,
+            effects=failing,
+            healthy=healthy,
+            cooldown_s=self.policy.cooldown.total_seconds(),
+            now=now,
+        )
+
+    async def count_outcomes(
+        self, session: AsyncSession, outcomes: list[ExpertOutcomeInput], now: datetime
+    ) -> None:
+        """Outcomes handed to a task's record (asks that ended well): one batch, in the
+        record's transaction."""
+        healthy: set[str] = set()
+        rows = []
+        for o in outcomes:
+            failing, closes = self.effects(o)
+            if failing or not o.ok:  # not what a record is handed; count it the full way
+                await self.log_outcome(session, o, now)
+                continue
+            healthy.update(closes)
+            rows.append(
+                {
+                    "event_id": o.event_id,
+                    "task_id": o.task_id,
+                    "node_id": o.node_id,
+                    "provider": o.provider,
+                    "region": o.region,
+                    "error_type": o.error_type,
+                }
+            )
+        _, changed = await queries.record_expert_successes(
+            session=session, outcomes=rows, healthy=sorted(healthy), now=now, commit=False
+        )
+        if changed or len(rows) < len(outcomes):
+            self.invalidate()

@@ -30,7 +30,7 @@ When a call got as far as a response, the error's first detail is a :class:`Usag
 cost, request id, finish reason) so a failed contribution still accounts for what it cost.
 
 :data:`BREAKER_EFFECT` says how each type counts for the circuit breakers
-(``activities/breaker.py``).
+(``xpando/breakers.py``).
 """
 
 from __future__ import annotations

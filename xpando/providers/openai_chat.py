@@ -1,7 +1,7 @@
 """OpenAI Chat Completions, and any OpenAI-compatible server (Ollama, vLLM, llama.cpp server).
 
 The SDK client is built with ``max_retries=0`` (Temporal retries); failures are classified by
-:mod:`activities.providers.errors`. Module name avoids shadowing the ``openai`` package.
+:mod:`xpando.providers.errors`. Module name avoids shadowing the ``openai`` package.
 """
 
 from __future__ import annotations
@@ -10,15 +10,15 @@ from typing import Any
 
 import openai
 
-from activities.providers import errors
-from activities.providers.base import (
+from xpando.contracts import ContributionStatus
+from xpando.providers import errors
+from xpando.providers.base import (
     ProviderConfig,
     ProviderReply,
     ProviderRequest,
     answer_relevance,
     system_prompt,
 )
-from xpando.contracts import ContributionStatus
 
 # An OpenAI-compatible server without authentication still needs a non-empty key for the SDK.
 NO_KEY = "not-needed"

@@ -6,15 +6,15 @@ from typing import Any
 
 import anthropic
 
-from activities.providers import errors
-from activities.providers.base import (
+from xpando.contracts import ContributionStatus
+from xpando.providers import errors
+from xpando.providers.base import (
     ProviderConfig,
     ProviderReply,
     ProviderRequest,
     answer_relevance,
     system_prompt,
 )
-from xpando.contracts import ContributionStatus
 
 
 class AnthropicMessagesProvider:

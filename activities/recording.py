@@ -1,0 +1,142 @@
+"""Recording activities of the core worker: aggregate a task's answers and persist the outcome.
+
+``finish`` is a task's last core step (aggregate, then record and hand what was learned to the
+domain's KnowledgeWorkflow); ``record`` alone persists a failed task or one answered from
+knowledge. Every write is an idempotent upsert keyed by the task (and node), so a retried step
+writes nothing twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+
+from temporalio import activity
+
+from xpando.breakers import BreakerBook
+from xpando.contracts import (
+    AggregateResult,
+    FinishInput,
+    FinishResult,
+    KnowledgeItemInput,
+    RecordInput,
+    RecordResult,
+    TaskStage,
+)
+from xpando.db import SessionFactory, queries
+from xpando.db import nodes as node_queries
+from xpando.db.nodes import ReputationParams
+from xpando.logs import get_logger
+from xpando.mother import aggregate
+from xpando.mother.aggregate import aggregate_with
+from xpando.providers.base import Provider
+
+log = get_logger(__name__)
+
+# Aggregations of finish attempts whose record has not landed yet (kept for their retry).
+AGGREGATIONS_KEPT = 256
+
+Publisher = Callable[[KnowledgeItemInput], Awaitable[object]]
+
+
+class RecordingActivities:
+    """``aggregator``: the model that writes ``synthesize`` answers (None: extractive synthesis).
+    ``publish``: hands a task's knowledge item to its domain's KnowledgeWorkflow."""
+
+    def __init__(
+        self,
+        *,
+        sessions: SessionFactory,
+        breaker_book: BreakerBook,
+        reputation: ReputationParams,
+        aggregator: Provider | None = None,
+        publish: Publisher | None = None,
+    ) -> None:
+        self._sessions = sessions
+        self._breakers = breaker_book
+        self._reputation = reputation
+        self._aggregator = aggregator
+        self._publish = publish
+        self._aggregations: OrderedDict[str, AggregateResult] = OrderedDict()
+
+    @activity.defn(name="finish")
+    async def finish(self, input: FinishInput) -> FinishResult:
+        """``aggregate``, then ``record`` the result (and hand a confident answer to the
+        domain's KnowledgeWorkflow): the last core step of a task in one local activity."""
+        # A retried finish (its record failed) reuses its aggregation: a synthesis would
+        # otherwise ask the aggregator model, and pay for it, once per attempt.
+        key = hashlib.sha256(input.aggregate.model_dump_json().encode()).hexdigest()
+        aggregated = self._aggregations.get(key)
+        if aggregated is None:
+            aggregated = await aggregate_with(self._aggregator, input.aggregate)
+            self._aggregations[key] = aggregated
+            while len(self._aggregations) > AGGREGATIONS_KEPT:
+                self._aggregations.popitem(last=False)
+        domain = input.record.domain
+        if input.name_domain:  # the task's domain is the domain of the expert whose answer won
+            domain = aggregate.winning_domain(aggregated, input.domains) or domain
+        learned = None
+        if input.publish and aggregated.confidence > 0:
+            learned = aggregate.knowledge_item(
+                task_id=input.record.task_id,
+                question=input.record.prompt,
+                result=aggregated,
+                domain=domain,
+                at=datetime.now(UTC),
+            )
+        await self.record(
+            input.record.model_copy(
+                update={
+                    "domain": domain,
+                    "answer": aggregated.answer,
+                    "confidence": aggregated.confidence,
+                    "contributions": aggregated.contributions,
+                    "publish": learned,
+                }
+            )
+        )
+        self._aggregations.pop(key, None)
+        return FinishResult(aggregated=aggregated, domain=domain)
+
+    @activity.defn(name="record")
+    async def record(self, input: RecordInput) -> RecordResult:
+        """Persist the task, its contributions and its knowledge item (idempotent upserts)."""
+        now = datetime.now(UTC)
+
+        async def write() -> tuple[RecordResult, list[str]]:
+            moved: list[str] = []
+            async with self._sessions() as session:  # one transaction
+                result = await queries.record_task(
+                    session=session, record=input, now=now, commit=False
+                )
+                if input.status == TaskStage.COMPLETED and input.contributions:
+                    moved = await node_queries.apply_reputation(
+                        session=session,
+                        record=input,
+                        params=self._reputation,
+                        now=now,
+                        commit=False,
+                    )
+                if input.outcomes:
+                    await self._breakers.count_outcomes(session, input.outcomes, now)
+                await session.commit()
+            return result, moved
+
+        async def publish() -> None:
+            if input.publish is None:
+                return
+            if self._publish is None:
+                log.warning("no knowledge publisher: item not published", task_id=input.task_id)
+                return
+            await self._publish(input.publish)
+
+        # The signal-with-start and the database writes are independent (each idempotent, and
+        # a failure of either retries the step): run them side by side.
+        (result, moved), _ = await asyncio.gather(write(), publish())
+        if moved:
+            log.info("reputation updated", task_id=input.task_id, nodes=moved)
+        log.info("recorded", task_id=input.task_id, status=input.status.value)
+        return result

@@ -1,3 +1,0 @@
-from xpando.cli import main
-
-raise SystemExit(main())
