@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, computed_field
 
@@ -16,6 +16,7 @@ from xpando.contracts import (
     Provenance,
     RoutingReport,
 )
+from xpando.contracts_payouts import ApproveInput, PayoutSagaResult
 
 PROMPT_MAX_CHARS = 8000
 K_MIN, K_MAX = 1, 9
@@ -164,3 +165,97 @@ class KnowledgeView(BaseModel):
 class KnowledgeList(BaseModel):
     items: list[KnowledgeView]
     count: int
+
+
+# --- payouts -------------------------------------------------------------------------------------
+
+
+class PayoutView(BaseModel):
+    payout_id: str = Field(description="xpd-<epoch>-<node_id>; also the memo of its transfer")
+    epoch: int
+    node_id: str
+    wallet: str | None
+    points: int
+    earned: int = Field(description="This epoch's share, in base units")
+    carried_in: int = Field(description="Carried over from earlier epochs, in base units")
+    amount: int = Field(description="earned + carried_in: what this payout transfers")
+    status: str
+    reason: str | None = None
+    carried_into: str | None = None
+    signature: str | None = None
+    signatures: list[str] = Field(default_factory=list)
+    attempts: int = 0
+    slot: int | None = None
+    error: str | None = None
+    created_at: datetime | None = None
+    signed_at: datetime | None = None
+    sent_at: datetime | None = None
+    confirmed_at: datetime | None = None
+
+
+class PayoutList(BaseModel):
+    payouts: list[PayoutView]
+    count: int
+    total: int
+
+
+class EpochLinks(Links):
+    payouts: str
+
+
+class EpochView(BaseModel):
+    epoch: int
+    status: str
+    workflow_id: str
+    stage: str | None = None
+    starts_at: datetime | None = None
+    ends_at: datetime | None = None
+    emission: int = 0
+    accruals: int = 0
+    payouts: int = 0
+    total: int = 0
+    payable: int = 0
+    reserved: int | None = None
+    released: int = 0
+    paid: int = 0
+    carried_over: int = 0
+    approval_required: bool = False
+    approver: str | None = None
+    approved_at: datetime | None = None
+    reconciled: bool | None = None
+    reconcile_report: dict[str, Any] = Field(default_factory=dict)
+    error: str | None = None
+    closed_at: datetime | None = None
+    settled_at: datetime | None = None
+    links: EpochLinks
+
+
+class SettleAccepted(BaseModel):
+    epoch: int
+    workflow_id: str
+    status: str = Field(description="started, running, completed, failed, …")
+    result: PayoutSagaResult | None = None
+    links: EpochLinks
+
+
+# The ``approve`` update's input as the HTTP body (a docstring would become its OpenAPI
+# description): surrounding whitespace is dropped before the limits apply, so a blank approver
+# is refused here rather than recorded.
+class ApproveBody(ApproveInput):
+    model_config = ConfigDict(str_strip_whitespace=True)
+
+
+class PendingEarnings(BaseModel):
+    accruals: int = Field(description="Scored contributions not yet in a closed epoch")
+    quality_ppm: int = Field(description="Their summed quality (parts per million)")
+
+
+class EarningsView(BaseModel):
+    node_id: str
+    wallet: str | None
+    pending: PendingEarnings
+    earned: int = Field(description="All epochs' shares, in base units")
+    paid: int = Field(description="Confirmed on chain, in base units")
+    carried_over: int = Field(description="Owed, waiting for a later epoch (see reasons)")
+    in_flight: int = Field(description="In an epoch being paid right now")
+    payouts: list[PayoutView]

@@ -66,7 +66,7 @@ class PayoutProgress(Contract):
 
 
 class ApproveInput(Contract):
-    approver: str = Field(min_length=1, max_length=64)
+    approver: str = Field(min_length=1, max_length=64, description="Who approves the payouts")
     note: str = Field("", max_length=500)
 
 

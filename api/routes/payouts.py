@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import APIRouter, Path, Query, Response
-from pydantic import BaseModel, ConfigDict, Field
 from temporalio.client import (
     WorkflowExecutionStatus,
     WorkflowHandle,
@@ -18,10 +17,20 @@ from temporalio.service import RPCError, RPCStatusCode
 
 from api.deps import SessionDep, SettingsDep, TemporalClientDep
 from api.errors import ApiError
+from api.schemas import (
+    ApproveBody,
+    EarningsView,
+    EpochLinks,
+    EpochView,
+    PayoutList,
+    PayoutView,
+    PendingEarnings,
+    SettleAccepted,
+)
 from workflows.payout import PayoutSagaWorkflow
 from xpando import rewards
 from xpando.contracts_payouts import (
-    ApproveInput,
+    ApproveResult,
     PayoutSagaInput,
     PayoutSagaResult,
     epoch_workflow_id,
@@ -43,105 +52,6 @@ NodeIdPath = Annotated[
     Path(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$"),
 ]
 PAYOUT_STATUSES = r"^(prepared|signed|sent|confirmed|finalized|failed|carried_over)$"
-
-
-class PayoutView(BaseModel):
-    payout_id: str = Field(description="xpd-<epoch>-<node_id>; also the memo of its transfer")
-    epoch: int
-    node_id: str
-    wallet: str | None
-    points: int
-    earned: int = Field(description="This epoch's share, in base units")
-    carried_in: int = Field(description="Carried over from earlier epochs, in base units")
-    amount: int = Field(description="earned + carried_in: what this payout transfers")
-    status: str
-    reason: str | None = None
-    carried_into: str | None = None
-    signature: str | None = None
-    signatures: list[str] = Field(default_factory=list)
-    attempts: int = 0
-    slot: int | None = None
-    error: str | None = None
-    created_at: datetime | None = None
-    signed_at: datetime | None = None
-    sent_at: datetime | None = None
-    confirmed_at: datetime | None = None
-
-
-class PayoutList(BaseModel):
-    payouts: list[PayoutView]
-    count: int
-    total: int
-
-
-class EpochLinks(BaseModel):
-    self: str
-    payouts: str
-    ui: str
-
-
-class EpochView(BaseModel):
-    epoch: int
-    status: str
-    workflow_id: str
-    stage: str | None = None
-    starts_at: datetime | None = None
-    ends_at: datetime | None = None
-    emission: int = 0
-    accruals: int = 0
-    payouts: int = 0
-    total: int = 0
-    payable: int = 0
-    reserved: int | None = None
-    released: int = 0
-    paid: int = 0
-    carried_over: int = 0
-    approval_required: bool = False
-    approver: str | None = None
-    approved_at: datetime | None = None
-    reconciled: bool | None = None
-    reconcile_report: dict[str, Any] = Field(default_factory=dict)
-    error: str | None = None
-    closed_at: datetime | None = None
-    settled_at: datetime | None = None
-    links: EpochLinks
-
-
-class SettleAccepted(BaseModel):
-    epoch: int
-    workflow_id: str
-    status: str = Field(description="started, running, completed, failed, …")
-    result: PayoutSagaResult | None = None
-    links: EpochLinks
-
-
-class ApproveBody(BaseModel):
-    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
-
-    approver: str = Field(min_length=1, max_length=64, description="Who approves the payouts")
-    note: str = Field("", max_length=500)
-
-
-class ApproveView(BaseModel):
-    epoch: int
-    approver: str
-    approved_at: datetime
-
-
-class PendingEarnings(BaseModel):
-    accruals: int = Field(description="Scored contributions not yet in a closed epoch")
-    quality_ppm: int = Field(description="Their summed quality (parts per million)")
-
-
-class EarningsView(BaseModel):
-    node_id: str
-    wallet: str | None
-    pending: PendingEarnings
-    earned: int = Field(description="All epochs' shares, in base units")
-    paid: int = Field(description="Confirmed on chain, in base units")
-    carried_over: int = Field(description="Owed, waiting for a later epoch (see reasons)")
-    in_flight: int = Field(description="In an epoch being paid right now")
-    payouts: list[PayoutView]
 
 
 def _links(settings: Settings, epoch: int) -> EpochLinks:
@@ -291,16 +201,14 @@ async def settle_epoch(
     )
 
 
-@router.post("/epochs/{epoch}/approve", response_model=ApproveView)
+@router.post("/epochs/{epoch}/approve", response_model=ApproveResult)
 async def approve_epoch(
     epoch: EpochPath, body: ApproveBody, client: TemporalClientDep
-) -> ApproveView:
+) -> ApproveResult:
     """Approve an epoch whose total is above the approval threshold (a workflow update)."""
     handle = client.get_workflow_handle_for(PayoutSagaWorkflow.run, epoch_workflow_id(epoch))
     try:
-        result = await handle.execute_update(
-            PayoutSagaWorkflow.approve, ApproveInput(approver=body.approver, note=body.note)
-        )
+        result = await handle.execute_update(PayoutSagaWorkflow.approve, body)
     except WorkflowUpdateFailedError as err:
         cause = err.cause
         raise ApiError(
@@ -317,7 +225,7 @@ async def approve_epoch(
             ) from err
         raise
     log.info("epoch approved", epoch=epoch, approver=body.approver)
-    return ApproveView(epoch=result.epoch, approver=result.approver, approved_at=result.approved_at)
+    return result
 
 
 @earnings_router.get("/{node_id}/earnings", response_model=EarningsView)

@@ -6,15 +6,16 @@ from typing import Any
 
 import anthropic
 
-from xpando.contracts import ContributionStatus
 from xpando.providers import errors
 from xpando.providers.base import (
     ProviderConfig,
     ProviderReply,
     ProviderRequest,
-    answer_relevance,
+    build_reply,
     system_prompt,
 )
+
+SDK_EXCEPTIONS = errors.stainless_exceptions(anthropic)
 
 
 class AnthropicMessagesProvider:
@@ -33,30 +34,13 @@ class AnthropicMessagesProvider:
         )
 
     async def answer(self, request: ProviderRequest) -> ProviderReply:
-        try:
+        with errors.mapped_sdk_errors(self.name, SDK_EXCEPTIONS, timeout_s=self._config.timeout_s):
             message = await self._client.messages.create(
                 model=self.model,
                 max_tokens=self._config.max_output_tokens,
                 system=system_prompt(request),
                 messages=[{"role": "user", "content": request.prompt}],
             )
-        except anthropic.APITimeoutError:
-            raise errors.timeout_error(self.name, self._config.timeout_s) from None
-        except anthropic.APIConnectionError as err:
-            raise errors.connection_error(self.name, err) from None
-        except anthropic.APIStatusError as err:
-            raise errors.from_status(
-                self.name,
-                err.status_code,
-                headers=err.response.headers,
-                body=err.body,
-                message=err.message,
-                request_id=err.request_id,
-            ) from None
-        except anthropic.APIResponseValidationError as err:
-            raise errors.malformed(self.name, str(err)) from None
-        except ValueError as err:  # a body that is not JSON
-            raise errors.malformed(self.name, f"{type(err).__name__}: {err}") from None
         return self._reply(request, message)
 
     def _reply(self, request: ProviderRequest, message: Any) -> ProviderReply:
@@ -81,35 +65,22 @@ class AnthropicMessagesProvider:
                 f"not a message ({type(err).__name__}: {err})",
                 usage=errors.Usage(request_id=request_id),
             ) from None
-        cost = self._config.pricing.cost(input_tokens, output_tokens)
-        usage_info = errors.Usage(input_tokens, output_tokens, cost, request_id, stop)
+        unusable = None
         if stop == "refusal":
-            raise errors.non_retryable(
-                errors.REFUSAL, self.name, "the model declined to answer", usage=usage_info
-            )
-        if stop == "model_context_window_exceeded":
-            raise errors.non_retryable(
-                errors.CONTEXT_LENGTH, self.name, "context window exceeded", usage=usage_info
-            )
-        if stop == "max_tokens":
-            raise errors.non_retryable(
-                errors.TRUNCATED,
-                self.name,
-                f"answer cut off at {output_tokens} tokens (stop_reason=max_tokens)",
-                usage=usage_info,
-            )
-        if not text.strip():
-            raise errors.non_retryable(
-                errors.EMPTY, self.name, "the answer is empty", usage=usage_info
-            )
-        return ProviderReply(
-            status=ContributionStatus.OK,
-            text=text.strip(),
+            unusable = errors.REFUSAL, "the model declined to answer"
+        elif stop == "model_context_window_exceeded":
+            unusable = errors.CONTEXT_LENGTH, "context window exceeded"
+        elif stop == "max_tokens":
+            why = f"answer cut off at {output_tokens} tokens (stop_reason=max_tokens)"
+            unusable = errors.TRUNCATED, why
+        return build_reply(
+            self._config,
+            request,
+            text=text,
             model=model,
-            relevance=answer_relevance(request.prompt, text),
             input_tokens=input_tokens,
             output_tokens=output_tokens,
             finish_reason=stop,
             request_id=request_id,
-            cost_usd=cost,
+            unusable=unusable,
         )

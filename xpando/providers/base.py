@@ -8,6 +8,7 @@ from typing import Protocol
 from pydantic import SecretStr
 
 from xpando.contracts import Citation, ContributionStatus, KnowledgeSnippet
+from xpando.providers import errors
 from xpando.retrieval import tokenize
 
 # Providers a node can answer through (``offline`` is the default when a node has no key).
@@ -87,6 +88,44 @@ def answer_relevance(prompt: str, answer: str) -> float:
         return 0.0
     present = set(tokenize(answer))
     return round(len(terms & present) / len(terms), 4)
+
+
+def build_reply(
+    config: ProviderConfig,
+    request: ProviderRequest,
+    *,
+    text: str | None,
+    model: str,
+    input_tokens: int,
+    output_tokens: int,
+    finish_reason: str | None,
+    request_id: str | None,
+    unusable: tuple[str, str] | None = None,
+) -> ProviderReply:
+    """The reply to a response the adapter has read, or the non-retryable error when it holds no
+    answer to store: ``unusable`` (an error type and why, from the provider's finish reason) or
+    an empty text. A failure carries the call's :class:`~xpando.providers.errors.Usage`, so
+    a contribution that earns nothing still accounts for what it cost."""
+    cost = config.pricing.cost(input_tokens, output_tokens)
+    usage = errors.Usage(input_tokens, output_tokens, cost, request_id, finish_reason)
+    if unusable is not None:
+        error_type, why = unusable
+        raise errors.non_retryable(error_type, config.provider, why, usage=usage)
+    if not text or not text.strip():
+        raise errors.non_retryable(
+            errors.EMPTY, config.provider, "the answer is empty", usage=usage
+        )
+    return ProviderReply(
+        status=ContributionStatus.OK,
+        text=text.strip(),
+        model=model,
+        relevance=answer_relevance(request.prompt, text),
+        input_tokens=input_tokens,
+        output_tokens=output_tokens,
+        finish_reason=finish_reason,
+        request_id=request_id,
+        cost_usd=cost,
+    )
 
 
 class Provider(Protocol):

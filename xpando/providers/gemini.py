@@ -8,7 +8,6 @@ on its own; with them set, the SDK makes exactly one HTTP call and Temporal deci
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import httpx
@@ -16,13 +15,12 @@ from google import genai
 from google.genai import errors as genai_errors
 from google.genai import types
 
-from xpando.contracts import ContributionStatus
 from xpando.providers import errors
 from xpando.providers.base import (
     ProviderConfig,
     ProviderReply,
     ProviderRequest,
-    answer_relevance,
+    build_reply,
     system_prompt,
 )
 
@@ -45,6 +43,24 @@ REFUSED = {
     "IMAGE_SAFETY",
     "MODEL_ARMOR",
 }
+
+
+def _error_response(err: genai_errors.APIError) -> errors.ErrorResponse:
+    headers = getattr(err.response, "headers", None)
+    request_id = None
+    if headers is not None:
+        request_id = headers.get("x-request-id") or headers.get("x-goog-request-id")
+    return errors.ErrorResponse(
+        int(err.code or 0), headers, err.details, str(err.message or err), request_id
+    )
+
+
+SDK_EXCEPTIONS = errors.SdkExceptions(
+    timeout=_TIMEOUTS,
+    connection=_TRANSPORT,
+    status=(genai_errors.APIError,),
+    response_of=_error_response,
+)
 
 
 def _name(value: Any) -> str | None:
@@ -71,7 +87,7 @@ class GeminiProvider:
         )
 
     async def answer(self, request: ProviderRequest) -> ProviderReply:
-        try:
+        with errors.mapped_sdk_errors(self.name, SDK_EXCEPTIONS, timeout_s=self._config.timeout_s):
             response = await self._client.aio.models.generate_content(
                 model=self.model,
                 contents=request.prompt,
@@ -80,25 +96,6 @@ class GeminiProvider:
                     max_output_tokens=self._config.max_output_tokens,
                 ),
             )
-        except genai_errors.APIError as err:
-            headers = getattr(err.response, "headers", None)
-            request_id = None
-            if headers is not None:
-                request_id = headers.get("x-request-id") or headers.get("x-goog-request-id")
-            raise errors.from_status(
-                self.name,
-                int(err.code or 0),
-                headers=headers,
-                body=err.details,
-                message=str(err.message or err),
-                request_id=request_id,
-            ) from None
-        except _TIMEOUTS:
-            raise errors.timeout_error(self.name, self._config.timeout_s) from None
-        except _TRANSPORT as err:
-            raise errors.connection_error(self.name, err) from None
-        except (ValueError, json.JSONDecodeError) as err:  # a body that is not JSON
-            raise errors.malformed(self.name, f"{type(err).__name__}: {err}") from None
         return self._reply(request, response)
 
     def _reply(self, request: ProviderRequest, response: Any) -> ProviderReply:
@@ -129,36 +126,22 @@ class GeminiProvider:
                 f"not a generateContent response ({type(err).__name__}: {err})",
                 usage=errors.Usage(request_id=request_id),
             ) from None
-        cost = self._config.pricing.cost(input_tokens, output_tokens)
-        usage_info = errors.Usage(input_tokens, output_tokens, cost, request_id, finish)
+        unusable = None
         if blocked or finish in REFUSED:
-            raise errors.non_retryable(
-                errors.REFUSAL,
-                self.name,
-                f"blocked by the provider ({blocked or finish})",
-                usage=usage_info,
-            )
-        if not candidates and not blocked:
-            raise errors.malformed(self.name, "no candidates in the response", usage=usage_info)
-        if finish == "MAX_TOKENS":
-            raise errors.non_retryable(
-                errors.TRUNCATED,
-                self.name,
-                f"answer cut off at {output_tokens} tokens (finishReason=MAX_TOKENS)",
-                usage=usage_info,
-            )
-        if not text.strip():
-            raise errors.non_retryable(
-                errors.EMPTY, self.name, "the answer is empty", usage=usage_info
-            )
-        return ProviderReply(
-            status=ContributionStatus.OK,
-            text=text.strip(),
+            unusable = errors.REFUSAL, f"blocked by the provider ({blocked or finish})"
+        elif not candidates:
+            unusable = errors.MALFORMED, "unusable response: no candidates in the response"
+        elif finish == "MAX_TOKENS":
+            why = f"answer cut off at {output_tokens} tokens (finishReason=MAX_TOKENS)"
+            unusable = errors.TRUNCATED, why
+        return build_reply(
+            self._config,
+            request,
+            text=text,
             model=model,
-            relevance=answer_relevance(request.prompt, text),
             input_tokens=input_tokens,
             output_tokens=output_tokens,
             finish_reason=finish,
             request_id=request_id,
-            cost_usd=cost,
+            unusable=unusable,
         )

@@ -10,18 +10,18 @@ from typing import Any
 
 import openai
 
-from xpando.contracts import ContributionStatus
 from xpando.providers import errors
 from xpando.providers.base import (
     ProviderConfig,
     ProviderReply,
     ProviderRequest,
-    answer_relevance,
+    build_reply,
     system_prompt,
 )
 
 # An OpenAI-compatible server without authentication still needs a non-empty key for the SDK.
 NO_KEY = "not-needed"
+SDK_EXCEPTIONS = errors.stainless_exceptions(openai)
 
 
 class OpenAIChatProvider:
@@ -47,7 +47,7 @@ class OpenAIChatProvider:
 
     async def answer(self, request: ProviderRequest) -> ProviderReply:
         limit: dict[str, Any] = {self._limit_param: self._config.max_output_tokens}
-        try:
+        with errors.mapped_sdk_errors(self.name, SDK_EXCEPTIONS, timeout_s=self._config.timeout_s):
             completion = await self._client.chat.completions.create(
                 model=self.model,
                 messages=[
@@ -56,23 +56,6 @@ class OpenAIChatProvider:
                 ],
                 **limit,
             )
-        except openai.APITimeoutError:
-            raise errors.timeout_error(self.name, self._config.timeout_s) from None
-        except openai.APIConnectionError as err:
-            raise errors.connection_error(self.name, err) from None
-        except openai.APIStatusError as err:
-            raise errors.from_status(
-                self.name,
-                err.status_code,
-                headers=err.response.headers,
-                body=err.body,
-                message=err.message,
-                request_id=err.request_id,
-            ) from None
-        except openai.APIResponseValidationError as err:
-            raise errors.malformed(self.name, str(err)) from None
-        except ValueError as err:  # a body that is not JSON
-            raise errors.malformed(self.name, f"{type(err).__name__}: {err}") from None
         return self._reply(request, completion)
 
     def _reply(self, request: ProviderRequest, completion: Any) -> ProviderReply:
@@ -95,30 +78,21 @@ class OpenAIChatProvider:
             ) from None
         if text is not None and not isinstance(text, str):
             raise errors.malformed(self.name, "message content is not text")
-        cost = self._config.pricing.cost(input_tokens, output_tokens)
-        usage_info = errors.Usage(input_tokens, output_tokens, cost, request_id, finish)
+        unusable = None
         if refusal or finish == "content_filter":
-            reason = refusal or "the provider's content filter stopped the answer"
-            raise errors.non_retryable(errors.REFUSAL, self.name, reason, usage=usage_info)
-        if finish == "length":
-            raise errors.non_retryable(
-                errors.TRUNCATED,
-                self.name,
-                f"answer cut off at {output_tokens} tokens (finish_reason=length)",
-                usage=usage_info,
-            )
-        if not text or not text.strip():
-            raise errors.non_retryable(
-                errors.EMPTY, self.name, "the answer is empty", usage=usage_info
-            )
-        return ProviderReply(
-            status=ContributionStatus.OK,
-            text=text.strip(),
+            why = refusal or "the provider's content filter stopped the answer"
+            unusable = errors.REFUSAL, why
+        elif finish == "length":
+            why = f"answer cut off at {output_tokens} tokens (finish_reason=length)"
+            unusable = errors.TRUNCATED, why
+        return build_reply(
+            self._config,
+            request,
+            text=text,
             model=model,
-            relevance=answer_relevance(request.prompt, text),
             input_tokens=input_tokens,
             output_tokens=output_tokens,
             finish_reason=finish,
             request_id=request_id,
-            cost_usd=cost,
+            unusable=unusable,
         )
