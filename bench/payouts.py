@@ -33,7 +33,6 @@ from cli.devserver import start_local_env
 from workers.core import build_core_worker
 from workers.payouts import build_payout_activities
 from workflows.payout import PayoutSagaWorkflow
-from xpando import rewards
 from xpando.chain import (
     SvmLedger,
     bootstrap_treasury,
@@ -50,6 +49,7 @@ from xpando.contracts import (
 )
 from xpando.contracts_payouts import PayoutSagaInput, PayoutStage, epoch_workflow_id
 from xpando.db import create_engine, init_db, ledger, queries, session_factory
+from xpando.economy import rewards
 from xpando.logs import configure_logging
 from xpando.settings import Settings
 

@@ -13,7 +13,6 @@ from solders.pubkey import Pubkey
 from temporalio.client import Client
 
 from workflows.payout import PayoutSagaWorkflow
-from xpando import rewards
 from xpando.chain import Chain, SvmLedger, token_account
 from xpando.contracts import (
     Contribution,
@@ -24,6 +23,7 @@ from xpando.contracts import (
 )
 from xpando.contracts_payouts import PayoutSagaInput, PayoutSagaResult, epoch_workflow_id
 from xpando.db import SessionFactory, ledger, queries
+from xpando.economy import rewards
 from xpando.settings import Settings
 
 EPOCH_S = 60

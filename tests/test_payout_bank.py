@@ -28,7 +28,6 @@ from solders.keypair import Keypair
 from temporalio.client import Client
 from temporalio.worker import Worker
 
-from activities.payouts import PayoutHooks
 from tests.fakes.solana_rpc import LoopbackSolanaRpc, RpcFaults
 from tests.payout_support import accrue, fresh_epoch, payout_settings, register_nodes, totals
 from workers.payouts import build_payout_activities, payout_activity_methods
@@ -36,6 +35,7 @@ from workflows.payout import PayoutSagaWorkflow
 from xpando.chain import ChainHandle, RpcChain, SvmLedger, bootstrap_treasury, parse_transfer
 from xpando.contracts_payouts import PayoutSagaInput, PayoutStage, epoch_workflow_id
 from xpando.db import SessionFactory
+from xpando.economy.payments import PayoutHooks
 from xpando.settings import Settings
 
 EPOCHS = 8

@@ -11,10 +11,10 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from tests.payout_support import EPOCH_S, accrue, register_nodes
-from xpando import rewards
 from xpando.contracts import Contribution, ContributionStatus, RecordInput, TaskStage
 from xpando.db import create_engine, init_db, ledger, queries, session_factory
 from xpando.db.ledger_models import Accrual
+from xpando.economy import rewards
 
 PARAMS = ledger.CloseParams(
     epoch_s=EPOCH_S,

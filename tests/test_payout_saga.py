@@ -30,7 +30,6 @@ from temporalio.client import Client, WorkflowHandle
 from temporalio.service import RPCError
 from temporalio.worker import Worker
 
-from activities.payouts import PayoutHooks
 from api.main import create_app
 from tests.conftest import wait_for
 from tests.payout_support import (
@@ -47,7 +46,6 @@ from tests.payout_support import (
 from workers.core import build_core_worker
 from workers.payouts import build_payout_activities
 from workflows.payout import PayoutSagaWorkflow
-from xpando import rewards
 from xpando.chain import (
     ChainHandle,
     LiteSvmChain,
@@ -61,6 +59,8 @@ from xpando.contracts_payouts import (
     epoch_workflow_id,
 )
 from xpando.db import SessionFactory, ledger
+from xpando.economy import rewards
+from xpando.economy.payments import PayoutHooks
 from xpando.keys import load_keypair, treasury_key_path
 from xpando.settings import Settings
 

@@ -19,11 +19,12 @@ from temporalio.client import (
 )
 from temporalio.service import RPCError, RPCStatusCode
 
-from activities.payouts import PayoutActivities, PayoutConfig, PayoutHooks
+from activities.payouts import PayoutActivities
 from workflows.payout import PayoutSagaWorkflow
 from xpando.chain import ChainHandle
 from xpando.contracts_payouts import PayoutSagaInput
 from xpando.db import SessionFactory
+from xpando.economy.payments import PayoutConfig, PayoutHooks
 from xpando.logs import get_logger
 from xpando.settings import Settings
 

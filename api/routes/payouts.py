@@ -28,7 +28,6 @@ from api.schemas import (
     SettleAccepted,
 )
 from workflows.payout import PayoutSagaWorkflow
-from xpando import rewards
 from xpando.contracts_payouts import (
     ApproveResult,
     PayoutSagaInput,
@@ -37,6 +36,7 @@ from xpando.contracts_payouts import (
 )
 from xpando.db import ledger
 from xpando.db.ledger_models import Payout
+from xpando.economy import rewards
 from xpando.logs import get_logger
 from xpando.settings import Settings
 

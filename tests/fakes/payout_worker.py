@@ -21,11 +21,11 @@ from datetime import timedelta
 
 from temporalio.worker import Worker
 
-from activities.payouts import PayoutHooks
 from workers.payouts import build_payout_activities, payout_activity_methods
 from xpando import temporal
 from xpando.chain import ChainHandle
 from xpando.db import create_engine, session_factory
+from xpando.economy.payments import PayoutHooks
 from xpando.settings import Settings
 
 

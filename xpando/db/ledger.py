@@ -4,7 +4,7 @@ Every write is guarded so that a retried or duplicated activity cannot apply it 
 accruals are unique per task + node; closing an epoch inserts its row (primary key) and claims
 accruals and carried-over payouts with ``WHERE … IS NULL`` updates whose row counts are checked;
 a payout's signature is replaced only by compare-and-set on the previous signature. The reward
-formula lives in :mod:`xpando.rewards`.
+formula lives in :mod:`xpando.economy.rewards`.
 """
 
 from __future__ import annotations
@@ -20,10 +20,10 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
-from xpando import rewards
 from xpando.contracts import ContributionStatus, RecordInput
 from xpando.db.ledger_models import Accrual, Payout, PayoutEpoch
 from xpando.db.models import Node
+from xpando.economy import rewards
 from xpando.keys import is_valid_address
 
 PREPARED, SIGNED, SENT = "prepared", "signed", "sent"
@@ -187,7 +187,7 @@ async def close_epoch(
         n.node_id: n
         for n in (await session.exec(select(Node).where(col(Node.node_id).in_(node_ids)))).all()
     }
-    # Reputation and price are neutral until nodes carry them (see xpando.rewards).
+    # Reputation and price are neutral until nodes carry them (see xpando.economy.rewards).
     factor = rewards.multiplier(params.weights, reputation=1.0, price=0.0)
     points = {node: rewards.node_points(q, factor) for node, q in quality.items()}
     emission = params.emission if sum(points.values()) > 0 else 0
