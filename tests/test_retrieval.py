@@ -107,6 +107,17 @@ def test_top_terms_name_the_corpus_subject() -> None:
     assert "the" not in everything and "returns" not in everything
 
 
+def test_an_outside_passage_scores_as_it_would_inside_the_index() -> None:
+    # knowledge snippets are scored with score() and ranked together with search() results
+    index = RetrievalIndex(CORPUS)
+    query = "how do I retry a failed activity with a retry policy"
+    for passage, score in index.search(query, k=5):
+        assert index.score(query, passage) == pytest.approx(score, rel=1e-5)
+    # an average-length passage holding each query term once scores max_score: less here,
+    # where the best passage has only some of the terms
+    assert 0 < index.search(query, k=1)[0][1] < index.max_score(query)
+
+
 def test_empty_index_finds_nothing() -> None:
     index = RetrievalIndex([])
     assert len(index) == 0
