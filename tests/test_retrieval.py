@@ -107,6 +107,17 @@ def test_top_terms_name_the_corpus_subject() -> None:
     assert "the" not in everything and "returns" not in everything
 
 
+def test_top_terms_are_words_as_the_corpus_writes_them() -> None:
+    corpus = [
+        Passage("eggs.a", "Boiling eggs: put the eggs in cold water."),
+        Passage("eggs.b", "Boiling eggs for six minutes gives soft eggs."),
+        Passage("eggs.c", "Boiled eggs keep for a week."),
+    ]
+    # the index matches on stems ("boil", "egg"); people and the routing embedder read words
+    assert {"boil", "egg"} <= set(tokenize(" ".join(p.text for p in corpus)))
+    assert RetrievalIndex(corpus).top_terms(2) == ["boiling", "eggs"]
+
+
 def test_an_outside_passage_scores_as_it_would_inside_the_index() -> None:
     # knowledge snippets are scored with score() and ranked together with search() results
     index = RetrievalIndex(CORPUS)

@@ -89,15 +89,20 @@ def tokenize(text: str) -> list[str]:
     gives ``["retrypolicy", "retry", "policy"]``. Stopwords and one-character tokens are dropped.
     Word parts are reduced by :func:`stem` so "boiling", "boiled" and "boils" all match "boil".
     """
-    tokens: list[str] = []
+    return [term for term, _ in _terms(text)]
+
+
+def _terms(text: str) -> list[tuple[str, str]]:
+    """:func:`tokenize`'s terms, each with the word (lowercased) it was made from."""
+    terms: list[tuple[str, str]] = []
     for match in _WORD_RE.finditer(text):
         word = match.group()
         parts = [p.lower() for piece in word.split("_") for p in _PART_RE.findall(piece)]
         whole = word.strip("_").lower()
         if len(parts) > 1 and len(whole) >= 2 and whole not in STOPWORDS:
-            tokens.append(whole)
-        tokens.extend(stem(p) for p in parts if len(p) >= 2 and p not in STOPWORDS)
-    return tokens
+            terms.append((whole, whole))
+        terms.extend((stem(p), p) for p in parts if len(p) >= 2 and p not in STOPWORDS)
+    return terms
 
 
 def stem(word: str) -> str:
@@ -294,11 +299,13 @@ class RetrievalIndex:
         return min(1.0, max(0.0, present / total)) if total > 0 else 0.0
 
     def top_terms(self, n: int) -> list[str]:
-        """The ``n`` most characteristic terms of the corpus, most characteristic first.
+        """The ``n`` most characteristic words of the corpus, most characteristic first.
 
         A term's weight is ``df * log(1 + N / df)``: terms found in many passages rank high, but
         the log dampens terms that are everywhere. Stopwords, generic documentation words,
-        numbers and very short tokens are left out.
+        numbers and very short tokens are left out. Each term is given as the corpus most often
+        writes it (``raised``, not the stem ``rais``): node profiles show these words to people
+        and to the routing embedder.
         """
         if n <= 0:
             return []
@@ -310,5 +317,14 @@ class RetrievalIndex:
             if df < 2 and total > 50:  # small corpora: every term is characteristic
                 continue
             ranked.append((df * math.log(1.0 + total / df), term))
-        best = heapq.nsmallest(n, ranked, key=lambda item: (-item[0], item[1]))
-        return [term for _, term in best]
+        best = [term for _, term in heapq.nsmallest(n, ranked, key=lambda i: (-i[0], i[1]))]
+        written: dict[str, Counter[str]] = {term: Counter() for term in best}
+        for passage in self._passages:
+            for text in (passage.source, passage.text):
+                for term, word in _terms(text):
+                    if term in written:
+                        written[term][word] += 1
+        # the most frequent word, the alphabetically first on a tie; listed once should two
+        # terms share it (an identifier kept whole and the same word stemmed)
+        words = (min(written[t].items(), key=lambda item: (-item[1], item[0]))[0] for t in best)
+        return list(dict.fromkeys(words))
