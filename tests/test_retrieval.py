@@ -107,6 +107,28 @@ def test_top_terms_name_the_corpus_subject() -> None:
     assert "the" not in everything and "returns" not in everything
 
 
+def test_top_terms_are_words_as_the_corpus_writes_them() -> None:
+    corpus = [
+        Passage("eggs.a", "Boiling eggs: put the eggs in cold water."),
+        Passage("eggs.b", "Boiling eggs for six minutes gives soft eggs."),
+        Passage("eggs.c", "Boiled eggs keep for a week."),
+    ]
+    # the index matches on stems ("boil", "egg"); people and the routing embedder read words
+    assert {"boil", "egg"} <= set(tokenize(" ".join(p.text for p in corpus)))
+    assert RetrievalIndex(corpus).top_terms(2) == ["boiling", "eggs"]
+
+
+def test_an_outside_passage_scores_as_it_would_inside_the_index() -> None:
+    # knowledge snippets are scored with score() and ranked together with search() results
+    index = RetrievalIndex(CORPUS)
+    query = "how do I retry a failed activity with a retry policy"
+    for passage, score in index.search(query, k=5):
+        assert index.score(query, passage) == pytest.approx(score, rel=1e-5)
+    # an average-length passage holding each query term once scores max_score: less here,
+    # where the best passage has only some of the terms
+    assert 0 < index.search(query, k=1)[0][1] < index.max_score(query)
+
+
 def test_empty_index_finds_nothing() -> None:
     index = RetrievalIndex([])
     assert len(index) == 0
