@@ -2,7 +2,7 @@
 
 ``python -m bench.providers [--tasks 60] [--fail-rate 0.3] [--failing openai]`` starts, in this
 process, a Temporal dev server (loopback), the loopback provider server of the tests
-(``tests/fakes/providers.py``, which speaks the three wire formats to the official SDKs), a core
+(``bench/loopback_providers.py``, which speaks the three wire formats to the official SDKs), a core
 worker and six SDK-backed expert nodes — two per provider, all in one region so that k=3 routing
 asks one node of each provider. It drives N tasks (``--concurrency`` at a time) twice, each time
 with a fresh database and fresh node ids (so no breaker state carries over):

@@ -2,7 +2,7 @@
 
 Everything real except the provider: the Temporal dev server, in-process core and node workers,
 SQLite, the official openai / anthropic / google-genai SDKs — pointed at the loopback server in
-``tests/fakes/providers.py``, which injects each fault and counts the HTTP calls it receives.
+``bench/loopback_providers.py``, which injects each fault and counts the HTTP calls it receives.
 Retry backoffs are kept short through ``TaskInput.answer_policy`` (the workflow's constants are
 unchanged).
 """

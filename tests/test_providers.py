@@ -1,6 +1,6 @@
 """The provider nodes' SDK clients against a loopback server speaking each wire format.
 
-The official SDKs (openai, anthropic, google-genai) are pointed at ``tests/fakes/providers.py``;
+The official SDKs (openai, anthropic, google-genai) are pointed at ``bench/loopback_providers.py``;
 every fault is asserted for the classification the workflow acts on and for the number of HTTP
 calls the SDK made (always one: Temporal is the only retry loop).
 """
