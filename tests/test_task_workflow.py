@@ -20,7 +20,7 @@ from workers.core import build_core_worker
 from workflows.task import TaskWorkflow
 from xpando.contracts import (
     AnswerInput,
-    AnswerResult,
+    Contribution,
     ContributionStatus,
     NodeDomain,
     NodeProfile,
@@ -119,12 +119,12 @@ async def test_region_constraint_is_honoured(
 
 def _flaky_answer(fail_nodes: set[str], delay_s: float = 0.0) -> object:
     @activity.defn(name="answer")
-    async def answer(input: AnswerInput) -> AnswerResult:
+    async def answer(input: AnswerInput) -> Contribution:
         if delay_s:
             await asyncio.sleep(delay_s)
         if input.node_id in fail_nodes:
             raise ApplicationError("provider refused", type="ProviderRefused", non_retryable=True)
-        return AnswerResult(
+        return Contribution(
             node_id=input.node_id,
             region="eu-west",
             provider="fake",
