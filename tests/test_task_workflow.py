@@ -76,7 +76,7 @@ async def test_task_is_answered_by_the_domain_expert_and_recorded(
         result = await handle.result()
         if os.environ.get("XPANDO_RECORD_HISTORIES"):
             history = await handle.fetch_history()
-            (HISTORY_DIR / "task_workflow_v2.json").write_text(history.to_json())
+            (HISTORY_DIR / "task_workflow.json").write_text(history.to_json())
 
     cooking = profiles[0].node_id
     by_node = {c.node_id: c for c in result.contributions}
