@@ -182,7 +182,7 @@ async def _fan_out(
         report = await env.client.execute_workflow(
             FanOutWorkflow.run,
             FanOutCase(
-                task=TaskInput(task_id=queue, prompt="why does bread need yeast", **task),  # type: ignore[arg-type]
+                task=TaskInput(task_id=queue, prompt="why does bread need yeast", **task),
                 route=RouteResult(chosen=chosen, standbys=standbys),
                 more=more,
             ),

@@ -93,7 +93,7 @@ class TaskWorkflow:
             c.status == ContributionStatus.OK for c in contributions
         ):
             contributions = await self._widen(input, plan, contributions)
-        if not any(c.status != ContributionStatus.FAILED for c in contributions):
+        if all(c.status == ContributionStatus.FAILED for c in contributions):
             tried = ", ".join(f"{c.node_id} [{c.provider}] ({c.error})" for c in contributions)
             await self._fail(
                 input, f"every expert failed: {tried}", contributions, type="AllExpertsFailed"
