@@ -8,7 +8,7 @@ import time
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
-from xpando.contracts import AnswerInput, AnswerResult, NodeProfile
+from xpando.contracts import AnswerInput, Contribution, NodeProfile
 from xpando.logs import get_logger
 from xpando.providers.base import Provider, ProviderReply, ProviderRequest
 
@@ -29,7 +29,7 @@ class AnsweringActivities:
         self._latency_s = simulated_latency_ms / 1000.0
 
     @activity.defn(name="answer")
-    async def answer(self, input: AnswerInput) -> AnswerResult:
+    async def answer(self, input: AnswerInput) -> Contribution:
         if input.node_id != self._profile.node_id:
             raise ApplicationError(
                 f"task for node {input.node_id!r} reached node {self._profile.node_id!r}",
@@ -63,7 +63,7 @@ class AnsweringActivities:
                 error=err.message,
             )
             raise
-        return AnswerResult(
+        return Contribution(
             node_id=self._profile.node_id,
             region=self._profile.region,
             provider=self._provider.name,
@@ -76,7 +76,7 @@ class AnsweringActivities:
             input_tokens=reply.input_tokens,
             output_tokens=reply.output_tokens,
             finish_reason=reply.finish_reason,
-            attempt=info.attempt,
+            attempts=info.attempt,
             cost_usd=reply.cost_usd,
             request_id=reply.request_id,
         )

@@ -24,8 +24,8 @@ from workflows.knowledge import KnowledgeWorkflow
 from workflows.task import TaskWorkflow
 from xpando.contracts import (
     AnswerInput,
-    AnswerResult,
     ConsolidateInput,
+    Contribution,
     ContributionStatus,
     KnowledgeItemInput,
     KnowledgeStats,
@@ -310,9 +310,9 @@ async def test_consolidation_on_sqlite_and_postgresql(
 
 def _scripted_answer(no_answer: set[str]) -> object:
     @activity.defn(name="answer")
-    async def answer(input: AnswerInput) -> AnswerResult:
+    async def answer(input: AnswerInput) -> Contribution:
         found = input.node_id not in no_answer
-        return AnswerResult(
+        return Contribution(
             node_id=input.node_id,
             region="eu-west",
             provider="fake",

@@ -28,7 +28,7 @@ from xpando import breakers
 from xpando.contracts import (
     AnswerInput,
     AnswerPolicy,
-    AnswerResult,
+    Contribution,
     ContributionStatus,
     NodeDomain,
     NodeProfile,
@@ -61,7 +61,7 @@ class Experts:
         self.cancelled: list[str] = []
 
         @activity.defn(name="answer")
-        async def answer(input: AnswerInput) -> AnswerResult:
+        async def answer(input: AnswerInput) -> Contribution:
             self.asked.append(input.node_id)
             if input.node_id in self.hung:
                 try:
@@ -72,7 +72,7 @@ class Experts:
                     self.cancelled.append(input.node_id)
                     raise
             bad = input.node_id in self.bad
-            return AnswerResult(
+            return Contribution(
                 node_id=input.node_id,
                 region="eu-west",
                 provider="scripted",

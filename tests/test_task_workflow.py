@@ -20,7 +20,7 @@ from workers.core import build_core_worker
 from workflows.task import TaskWorkflow
 from xpando.contracts import (
     AnswerInput,
-    AnswerResult,
+    Contribution,
     ContributionStatus,
     NodeDomain,
     NodeProfile,
@@ -76,7 +76,7 @@ async def test_task_is_answered_by_the_domain_expert_and_recorded(
         result = await handle.result()
         if os.environ.get("XPANDO_RECORD_HISTORIES"):
             history = await handle.fetch_history()
-            (HISTORY_DIR / "task_workflow_v2.json").write_text(history.to_json())
+            (HISTORY_DIR / "task_workflow.json").write_text(history.to_json())
 
     cooking = profiles[0].node_id
     by_node = {c.node_id: c for c in result.contributions}
@@ -119,12 +119,12 @@ async def test_region_constraint_is_honoured(
 
 def _flaky_answer(fail_nodes: set[str], delay_s: float = 0.0) -> object:
     @activity.defn(name="answer")
-    async def answer(input: AnswerInput) -> AnswerResult:
+    async def answer(input: AnswerInput) -> Contribution:
         if delay_s:
             await asyncio.sleep(delay_s)
         if input.node_id in fail_nodes:
             raise ApplicationError("provider refused", type="ProviderRefused", non_retryable=True)
-        return AnswerResult(
+        return Contribution(
             node_id=input.node_id,
             region="eu-west",
             provider="fake",

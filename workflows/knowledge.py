@@ -29,9 +29,6 @@ CONSOLIDATE_RETRY = RetryPolicy(
     initial_interval=timedelta(seconds=1), maximum_interval=timedelta(minutes=1)
 )
 SWEEP_EVERY = timedelta(hours=6)
-# Runs with this patch keep one sweep timer and consolidate in a local activity (fewer events and
-# no activity task round trip per batch).
-PATCH_LEAN = "knowledge-lean"
 SEEN_LIMIT = 2000  # task ids remembered to drop duplicate signals (signal-with-start retries)
 
 
@@ -49,44 +46,25 @@ class KnowledgeWorkflow:
         self._stats = stats
         self._pending = [*input.pending, *self._pending]
         consolidations = 0
-        lean = workflow.patched(PATCH_LEAN)
+        # One sweep timer for the run (restarted when it fires), not one per batch.
         sweep_timer: asyncio.Task[None] | None = None
         while True:
-            sweep = False
-            if lean:
-                # One sweep timer for the run (restarted when it fires), not one per batch.
-                if sweep_timer is None or sweep_timer.done():
-                    sweep_timer = asyncio.create_task(workflow.sleep(SWEEP_EVERY))
-                if not self._pending:
-                    arrived = asyncio.create_task(
-                        workflow.wait_condition(lambda: bool(self._pending))
-                    )
-                    await workflow.wait([arrived, sweep_timer], return_when=asyncio.FIRST_COMPLETED)
-                    arrived.cancel()
-                sweep = sweep_timer.done()  # a batch due with the sweep does both
-            else:
-                try:
-                    await workflow.wait_condition(lambda: bool(self._pending), timeout=SWEEP_EVERY)
-                except TimeoutError:
-                    sweep = True
+            if sweep_timer is None or sweep_timer.done():
+                sweep_timer = asyncio.create_task(workflow.sleep(SWEEP_EVERY))
+            if not self._pending:
+                arrived = asyncio.create_task(workflow.wait_condition(lambda: bool(self._pending)))
+                await workflow.wait([arrived, sweep_timer], return_when=asyncio.FIRST_COMPLETED)
+                arrived.cancel()
+            sweep = sweep_timer.done()  # a batch due with the sweep does both
             batch = self._pending[: input.batch_size]
             self._pending = self._pending[input.batch_size :]
-            consolidate = ConsolidateInput(domain=input.domain, items=batch, sweep=sweep)
-            result: ConsolidateResult
-            if lean:  # a core step on this worker's own queue: a local activity
-                result = await workflow.execute_local_activity_method(
-                    KnowledgeActivities.consolidate,
-                    consolidate,
-                    start_to_close_timeout=CONSOLIDATE_TIMEOUT,
-                    retry_policy=CONSOLIDATE_RETRY,
-                )
-            else:
-                result = await workflow.execute_activity_method(
-                    KnowledgeActivities.consolidate,
-                    consolidate,
-                    start_to_close_timeout=CONSOLIDATE_TIMEOUT,
-                    retry_policy=CONSOLIDATE_RETRY,
-                )
+            # A core step on this worker's own queue: a local activity (no task round trip).
+            result: ConsolidateResult = await workflow.execute_local_activity_method(
+                KnowledgeActivities.consolidate,
+                ConsolidateInput(domain=input.domain, items=batch, sweep=sweep),
+                start_to_close_timeout=CONSOLIDATE_TIMEOUT,
+                retry_policy=CONSOLIDATE_RETRY,
+            )
             consolidations += 1
             self._stats = self._stats.model_copy(
                 update={

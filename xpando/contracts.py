@@ -113,8 +113,8 @@ class TaskInput(Contract):
 
 
 class AnswerPolicy(Contract):
-    """How hard TaskWorkflow tries each expert; a field left out takes the workflow's constant
-    (``workflows/task.py``). Operators and tests shorten these; the API does not expose them."""
+    """How hard TaskWorkflow tries each expert; a field left out takes the fan-out's constant
+    (``workflows/fanout.py``). Operators and tests shorten these; the API does not expose them."""
 
     initial_interval_ms: int | None = Field(None, ge=1, description="First retry backoff")
     maximum_interval_ms: int | None = Field(None, ge=1, description="Largest retry backoff")
@@ -131,6 +131,9 @@ class AnswerPolicy(Contract):
 
 
 class Contribution(Contract):
+    """One expert's part in a task, from node to record: the node's ``answer`` activity returns
+    it, the fan-out writes the failed ones, the aggregation scores it (``quality``)."""
+
     node_id: str
     region: str
     provider: str
@@ -146,7 +149,7 @@ class Contribution(Contract):
     output_tokens: int = Field(0, ge=0)
     finish_reason: str | None = None
     error: str | None = None
-    attempts: int = Field(1, ge=1)
+    attempts: int = Field(1, ge=1)  # the activity attempt that answered
     cost_usd: float = Field(0.0, ge=0.0)  # from the node's prices; also for failed answers
     request_id: str | None = None  # the provider's id for the (last) call
     error_type: str | None = None  # e.g. ProviderRateLimited, DeadlineExceeded (see errors.py)
@@ -291,24 +294,6 @@ class AnswerInput(Contract):
     prompt: str
     node_id: str
     context: list[KnowledgeSnippet] = Field(default_factory=list)
-
-
-class AnswerResult(Contract):
-    node_id: str
-    region: str
-    provider: str
-    model: str
-    status: ContributionStatus
-    answer: str
-    citations: list[Citation] = Field(default_factory=list)
-    relevance: float = Field(0.0, ge=0.0, le=1.0)
-    latency_ms: int = Field(0, ge=0)
-    input_tokens: int = Field(0, ge=0)
-    output_tokens: int = Field(0, ge=0)
-    finish_reason: str | None = None
-    attempt: int = Field(1, ge=1)
-    cost_usd: float = Field(0.0, ge=0.0)
-    request_id: str | None = None
 
 
 class AggregateInput(Contract):
