@@ -114,9 +114,8 @@ def test_activities_hold_activity_classes_only() -> None:
                 )
                 if not defines and not node.name.startswith("_"):
                     others.append(f"{module}.{node.name}")
-            elif isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
-                if not node.name.startswith("_"):
-                    others.append(f"{module}.{node.name}()")
+            elif isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and node.name[0] != "_":
+                others.append(f"{module}.{node.name}()")
     assert others == []
 
 
