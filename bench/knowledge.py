@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from sqlalchemy import insert
 from temporalio.client import Client
 
 from cli.devserver import start_local_env
@@ -94,18 +95,15 @@ async def run_workload(
 ) -> dict[str, Any]:
     queue = f"bench-core-{uuid.uuid4().hex[:6]}"
     settings = Settings(
-        _env_file=None,  # type: ignore[call-arg]
+        _env_file=None,
         data_dir=data,
         temporal_address=client.service_client.config.target_host,
         database_url=f"sqlite+aiosqlite:///{data / f'bench-{queue}.db'}",
         core_task_queue=queue,
         log_level="WARNING",
-        **(
-            {"knowledge_confirm_similarity": confirm_similarity}
-            if confirm_similarity is not None
-            else {}
-        ),
     )
+    if confirm_similarity is not None:
+        settings = settings.model_copy(update={"knowledge_confirm_similarity": confirm_similarity})
     engine = create_engine(settings.database_dsn)
     await init_db(engine)
     sessions = session_factory(engine)
@@ -197,7 +195,7 @@ async def search_speed(rows: list[dict[str, Any]], items: int, data: Path) -> di
     async with engine.begin() as conn:
         batch: list[dict[str, Any]] = []
         for i in range(items):
-            vec = base[i % len(base)] + rng.normal(0, 0.35, base.shape[1]).astype(np.float32)
+            vec = base[i % len(base)] + rng.normal(0, 0.35, (base.shape[1],)).astype(np.float32)
             vec /= np.linalg.norm(vec)
             batch.append(
                 {
@@ -220,15 +218,15 @@ async def search_speed(rows: list[dict[str, Any]], items: int, data: Path) -> di
                 }
             )
             if len(batch) == 5000:
-                await conn.execute(Knowledge.__table__.insert(), batch)  # type: ignore[attr-defined]
+                await conn.execute(insert(Knowledge), batch)
                 batch = []
         if batch:
-            await conn.execute(Knowledge.__table__.insert(), batch)  # type: ignore[attr-defined]
+            await conn.execute(insert(Knowledge), batch)
     write_s = time.perf_counter() - started
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     index = build_knowledge_index(
         sessions,
-        Settings(_env_file=None, data_dir=data),  # type: ignore[call-arg]
+        Settings(_env_file=None, data_dir=data),
     )
     started = time.perf_counter()
     await index.refresh(force=True)
@@ -270,7 +268,7 @@ async def main() -> None:
         help="override XPANDO_KNOWLEDGE_CONFIRM_SIMILARITY (0 disables single-expert confirmation)",
     )
     args = parser.parse_args()
-    configure_logging(Settings(_env_file=None, log_level="WARNING"))  # type: ignore[call-arg]
+    configure_logging(Settings(_env_file=None, log_level="WARNING"))
     rows = [json.loads(line) for line in WORKLOAD.read_text().splitlines()][: args.tasks]
     kinds = Counter(r["kind"] for r in rows)
     data = Path(tempfile.mkdtemp(prefix="xpando-bench-knowledge-"))

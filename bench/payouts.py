@@ -104,7 +104,7 @@ async def saga_rate(
     env: WorkflowEnvironment, data: Path, *, nodes: int, batch_size: int, concurrency: int
 ) -> dict[str, float]:
     settings = Settings(
-        _env_file=None,  # type: ignore[call-arg]
+        _env_file=None,
         data_dir=data,
         database_url=f"sqlite+aiosqlite:///{data / 'xpando.db'}",
         core_task_queue=f"bench-payouts-{uuid.uuid4().hex[:8]}",
@@ -185,7 +185,7 @@ async def main() -> None:
     parser.add_argument("--batch-size", type=int, default=50)
     parser.add_argument("--concurrency", type=int, default=4)
     args = parser.parse_args()
-    configure_logging(Settings(_env_file=None, log_level="WARNING"))  # type: ignore[call-arg]
+    configure_logging(Settings(_env_file=None, log_level="WARNING"))
     data = Path(tempfile.mkdtemp(prefix="xpando-bench-payouts-"))
     try:
         env = await start_local_env()

@@ -94,7 +94,7 @@ async def run_once(
     data: Path,
 ) -> RunResult:
     run = uuid.uuid4().hex[:6]
-    settings = Settings(  # type: ignore[call-arg]
+    settings = Settings(
         _env_file=None,
         data_dir=data / run,
         database_url=f"sqlite+aiosqlite:///{data / f'{run}.db'}",
@@ -217,7 +217,7 @@ async def main() -> None:
     parser.add_argument("--latency-ms", type=int, default=100, help="each provider call")
     parser.add_argument("--seed", type=int, default=7)
     args = parser.parse_args()
-    configure_logging(Settings(_env_file=None, log_level="ERROR"))  # type: ignore[call-arg]
+    configure_logging(Settings(_env_file=None, log_level="ERROR"))
     data = Path(tempfile.mkdtemp(prefix="xpando-bench-providers-"))
     env = await start_local_env()
     try:
@@ -235,9 +235,9 @@ async def main() -> None:
             f"fault run: {args.failing} answers 500 to {args.fail_rate:.0%} of calls",
             flush=True,
         )
-        clean = await run_once(env.client, failing=None, **common)  # type: ignore[arg-type]
+        clean = await run_once(env.client, failing=None, **common)
         print(_line("no faults", clean, args.tasks), flush=True)
-        faulty = await run_once(env.client, failing=args.failing, **common)  # type: ignore[arg-type]
+        faulty = await run_once(env.client, failing=args.failing, **common)
         print(_line("faults", faulty, args.tasks), flush=True)
     finally:
         await env.shutdown()

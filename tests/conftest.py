@@ -156,7 +156,7 @@ def corpus_dir(tmp_path: Path) -> Path:
 def settings(tmp_path: Path, temporal_target: str) -> Settings:
     """Settings for one test: its own data folder, SQLite file and core task queue."""
     return Settings(
-        _env_file=None,  # type: ignore[call-arg]
+        _env_file=None,
         data_dir=tmp_path / "data",
         temporal_address=temporal_target,
         database_url=f"sqlite+aiosqlite:///{tmp_path / 'xpando.db'}",

@@ -200,7 +200,7 @@ def _aggregator(fake: FakeProviders) -> Provider | None:
 
     return build_aggregator(
         Settings(
-            _env_file=None,  # type: ignore[call-arg]
+            _env_file=None,
             aggregator_provider="openai",
             aggregator_model="agg-model",
             aggregator_base_url=fake.base_url("openai", "aggregator"),

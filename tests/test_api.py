@@ -124,7 +124,8 @@ async def test_submit_poll_and_idempotency_over_http(
         assert f"/workflows/{task_id}" in accepted["links"]["ui"]
 
         async def done() -> bool:
-            return (await api.get(f"/v1/tasks/{task_id}")).json()["status"] != "running"
+            status: str = (await api.get(f"/v1/tasks/{task_id}")).json()["status"]
+            return status != "running"
 
         await wait_for(done, timeout=30)
         view = (await api.get(f"/v1/tasks/{task_id}")).json()

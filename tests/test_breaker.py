@@ -11,7 +11,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from xpando import breakers
 from xpando.breakers import BreakerPolicy, node_key, provider_key
-from xpando.contracts import BreakerState
+from xpando.contracts import BreakerState, BreakerView
 from xpando.db import queries, session_factory
 
 T0 = datetime(2030, 1, 1, 12, 0, tzinfo=UTC)
@@ -51,7 +51,7 @@ async def _report(
         )
 
 
-async def _state(engine: AsyncEngine, key: str, now: datetime) -> breakers.BreakerView:
+async def _state(engine: AsyncEngine, key: str, now: datetime) -> BreakerView:
     async with session_factory(engine)() as s:
         rows = await queries.get_breakers(session=s, keys=[key])
     return breakers.view(rows.get(key), key=key, now=now)

@@ -47,7 +47,7 @@ async def any_chain(
         s = settings.model_copy(update={"chain_initial_supply": SUPPLY})
         init_embedded_chain(s)
         ledger = SvmLedger(ledger_path(s.data_dir))
-        chain = LiteSvmChain(ledger, treasury=load_keypair(treasury_key_path(s.data_dir)))
+        chain: Chain = LiteSvmChain(ledger, treasury=load_keypair(treasury_key_path(s.data_dir)))
         yield chain, ledger
         await chain.close()
         return

@@ -126,7 +126,7 @@ def test_provider_embedders_through_the_official_sdks(fake: FakeEmbeddings, kind
 
 def test_settings_choose_a_provider_embedder_and_need_its_key(fake: FakeEmbeddings) -> None:
     settings = Settings(
-        _env_file=None,  # type: ignore[call-arg]
+        _env_file=None,
         embedder="openai",
         embedding_base_url=f"{fake.url}/v1",
         embedding_dimensions=32,
@@ -138,7 +138,7 @@ def test_settings_choose_a_provider_embedder_and_need_its_key(fake: FakeEmbeddin
     embedder.embed(["hello"])
     assert fake.requests[-1]["auth"] == "Bearer sk-from-openai-key"
     with pytest.raises(ValueError, match="GEMINI_API_KEY"):
-        embedder_from_settings(Settings(_env_file=None, embedder="gemini"))  # type: ignore[call-arg]
+        embedder_from_settings(Settings(_env_file=None, embedder="gemini"))
 
 
 async def test_routing_on_provider_embeddings(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -64,7 +64,7 @@ async def _task(
     task_id = f"task-{uuid.uuid4().hex[:10]}"
     handle = await client.start_workflow(
         TaskWorkflow.run,
-        TaskInput(task_id=task_id, prompt=prompt, k=2, **kw),  # type: ignore[arg-type]
+        TaskInput(task_id=task_id, prompt=prompt, k=2, **kw),
         id=task_id,
         task_queue=settings.core_task_queue,
     )
@@ -261,7 +261,7 @@ async def test_consolidation_on_sqlite_and_postgresql(
 ) -> None:
     """The store-merge-decay path against both databases (embeddings as bytes, JSON provenance)."""
     sessions = session_factory(any_engine)
-    settings = Settings(_env_file=None)  # type: ignore[call-arg]
+    settings = Settings(_env_file=None)
     index = build_knowledge_index(sessions, settings)
     acts = Consolidator(sessions=sessions, index=index)
     now = datetime.now(UTC)
@@ -308,7 +308,7 @@ async def test_consolidation_on_sqlite_and_postgresql(
     assert hits[0].knowledge_id == "kn-t1" and "kn-t2" not in {h.knowledge_id for h in hits}
 
 
-def _scripted_answer(no_answer: set[str]) -> object:
+def _scripted_answer(no_answer: set[str]) -> Callable[[AnswerInput], Awaitable[Contribution]]:
     @activity.defn(name="answer")
     async def answer(input: AnswerInput) -> Contribution:
         found = input.node_id not in no_answer
@@ -365,7 +365,7 @@ async def _confirm_run(
         )
         for node_id in (best, other):
             await stack.enter_async_context(
-                Worker(client, task_queue=node_task_queue(node_id), activities=[answer])  # type: ignore[list-item]
+                Worker(client, task_queue=node_task_queue(node_id), activities=[answer])
             )
         await wait_live(client, node_task_queue(best), node_task_queue(other))
         _, result = await _task(client, settings, "Why does pizza dough need yeast?")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import pytest
@@ -30,8 +31,7 @@ CORPUS = [
 ]
 
 
-def make_provider(**kwargs: object) -> OfflineRetrievalProvider:
-    return OfflineRetrievalProvider(CORPUS, domain="demo", **kwargs)  # type: ignore[arg-type]
+make_provider = functools.partial(OfflineRetrievalProvider, CORPUS, domain="demo")
 
 
 async def test_in_domain_question_gets_labelled_extractive_answer() -> None:

@@ -179,4 +179,5 @@ async def test_killing_the_worker_at_every_boundary_still_pays_each_node_exactly
     for pid in ids:
         # Killed after signing: the retry re-sent the stored bytes, it did not sign again.
         assert rows[pid].signatures == [rows[pid].signature], pid
-        assert parse_transfer(svm.landed(rows[pid].signature or "").tx).memo == pid  # type: ignore[union-attr]
+        sent = svm.landed(rows[pid].signature or "")
+        assert sent is not None and parse_transfer(sent.tx).memo == pid, pid

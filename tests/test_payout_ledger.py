@@ -7,8 +7,9 @@ from datetime import UTC, datetime
 from fractions import Fraction
 
 import pytest
-from sqlalchemy import text
+from sqlalchemy import func, text
 from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlmodel import col, select
 
 from tests.payout_support import EPOCH_S, accrue, register_nodes
 from xpando.contracts import Contribution, ContributionStatus, RecordInput, TaskStage
@@ -84,7 +85,7 @@ async def test_accruals_are_idempotent_and_only_scored_contributions_accrue(
         async with sessions() as session:
             await queries.record_task(session=session, record=record, now=now)
     async with sessions() as session:
-        rows = (await session.exec(text("SELECT node_id, quality_ppm FROM accruals"))).all()
+        rows = (await session.exec(select(Accrual.node_id, Accrual.quality_ppm))).all()
     assert [tuple(r) for r in rows] == [("good", 900_000)]
 
 
@@ -124,8 +125,12 @@ async def test_closing_an_epoch_splits_it_claims_its_accruals_and_waits_for_late
         )
         rows, _ = await ledger.list_payouts(session=session, epoch=epoch + 1)
         pending = (
-            await session.exec(text("SELECT count(*) FROM accruals WHERE settled_epoch IS NULL"))
-        ).one()[0]
+            await session.exec(
+                select(func.count())
+                .select_from(Accrual)
+                .where(col(Accrual.settled_epoch).is_(None))
+            )
+        ).one()
     assert nxt.accruals == 2 and {p.node_id for p in rows} == {b, c}
     assert pending == 1  # epoch - 1's accrual waits for epoch - 1's own close
 

@@ -6,7 +6,11 @@ from __future__ import annotations
 from datetime import timedelta
 
 import pytest
-from temporalio.client import Client, ScheduleActionStartWorkflow
+from temporalio.client import (
+    Client,
+    ScheduleActionExecutionStartWorkflow,
+    ScheduleActionStartWorkflow,
+)
 from temporalio.service import RPCError
 
 from tests.conftest import wait_for
@@ -48,7 +52,9 @@ async def test_the_schedule_is_created_once_and_its_tick_settles_every_due_epoch
                 return bool((await handle.describe()).info.recent_actions)
 
             await wait_for(ticked, timeout=30)
-            tick_id = (await handle.describe()).info.recent_actions[0].action.workflow_id
+            started = (await handle.describe()).info.recent_actions[0].action
+            assert isinstance(started, ScheduleActionExecutionStartWorkflow)
+            tick_id = started.workflow_id
             tick = client.get_workflow_handle_for(PayoutSagaWorkflow.run, tick_id)
             ticked_result = await tick.result()
             await record_history(tick, "payout_saga_tick")

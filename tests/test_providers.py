@@ -22,7 +22,7 @@ from bench.loopback_providers import DEFAULT_ANSWER, FakeProviders, Fault
 from workers.node import NodeConfigError, NodeSpec, build_node
 from xpando.contracts import ContributionStatus, KnowledgeSnippet
 from xpando.providers import errors
-from xpando.providers.base import Pricing, ProviderConfig, ProviderRequest
+from xpando.providers.base import Pricing, Provider, ProviderConfig, ProviderRequest
 from xpando.providers.registry import ProviderConfigError, make_provider
 from xpando.settings import Settings
 
@@ -37,15 +37,14 @@ def fake() -> Iterator[FakeProviders]:
         yield server
 
 
-def _provider(fake: FakeProviders, provider: str, node: str, **kw: object) -> object:
+def _provider(fake: FakeProviders, provider: str, node: str, timeout_s: float = 5.0) -> Provider:
     config = ProviderConfig(
         provider=provider,
         model=f"{provider}-test-model",
         api_key=SecretStr(KEY),
         base_url=fake.base_url(provider, node),
-        timeout_s=float(kw.pop("timeout_s", 5.0)),  # type: ignore[arg-type]
+        timeout_s=timeout_s,
         pricing=Pricing(input_per_mtok=2.5, output_per_mtok=10.0),
-        **kw,  # type: ignore[arg-type]
     )
     return make_provider(config)
 
@@ -78,7 +77,7 @@ async def test_a_good_answer_carries_tokens_cost_request_id_and_finish_reason(
             knowledge_id="kn-1", question="What is yeast?", answer="A fungus.", confidence=0.8
         )
     ]
-    reply = await p.answer(ProviderRequest(PROMPT, context=context))  # type: ignore[attr-defined]
+    reply = await p.answer(ProviderRequest(PROMPT, context=context))
     calls = fake.calls(node=node)
     assert len(calls) == 1
     assert calls[0].api_key == KEY  # the SDK sent the node's key, to the provider only
@@ -110,7 +109,7 @@ async def test_each_fault_is_one_http_call_classified_for_temporal(
     fake.fail(node, fault, retry_after_ms=1500, hang_s=5)
     try:
         with pytest.raises(ApplicationError) as info:
-            await p.answer(ProviderRequest(PROMPT))  # type: ignore[attr-defined]
+            await p.answer(ProviderRequest(PROMPT))
     finally:
         fake.heal(node)
     err = info.value
@@ -140,7 +139,7 @@ async def test_retry_after_in_seconds_is_honoured(fake: FakeProviders, provider:
         fake.failing(node, Fault.RATE_LIMIT, retry_after_s=7),
         pytest.raises(ApplicationError) as info,
     ):
-        await p.answer(ProviderRequest(PROMPT))  # type: ignore[attr-defined]
+        await p.answer(ProviderRequest(PROMPT))
     assert info.value.type == "ProviderRateLimited"
     assert info.value.next_retry_delay == timedelta(seconds=7)
 
@@ -235,15 +234,20 @@ def test_keys_come_from_the_conventional_variables_and_stay_secret(
     monkeypatch.setenv("GOOGLE_API_KEY", "g-key")
     monkeypatch.delenv("GEMINI_API_KEY", raising=False)
     monkeypatch.delenv("XPANDO_NODE_API_KEY", raising=False)
-    settings = Settings(_env_file=None)  # type: ignore[call-arg]
-    assert settings.provider_key("openai").get_secret_value() == "sk-openai"  # type: ignore[union-attr]
-    assert settings.provider_key("anthropic").get_secret_value() == "sk-ant"  # type: ignore[union-attr]
-    assert settings.provider_key("gemini").get_secret_value() == "g-key"  # type: ignore[union-attr]
+    settings = Settings(_env_file=None)
+    assert _key(settings, "openai") == "sk-openai"
+    assert _key(settings, "anthropic") == "sk-ant"
+    assert _key(settings, "gemini") == "g-key"
     assert "sk-openai" not in repr(settings) and "g-key" not in str(settings.model_dump())
     monkeypatch.setenv("XPANDO_GEMINI_API_KEY", "x-key")  # the prefixed name wins
-    assert Settings(_env_file=None).provider_key("gemini").get_secret_value() == "x-key"  # type: ignore[call-arg,union-attr]
+    assert _key(Settings(_env_file=None), "gemini") == "x-key"
     monkeypatch.setenv("XPANDO_NODE_API_KEY", "node-key")  # a node's own key wins over both
-    assert Settings(_env_file=None).provider_key("openai").get_secret_value() == "node-key"  # type: ignore[call-arg,union-attr]
+    assert _key(Settings(_env_file=None), "openai") == "node-key"
+
+
+def _key(settings: Settings, provider: str) -> str | None:
+    key = settings.provider_key(provider)
+    return None if key is None else key.get_secret_value()
 
 
 def test_a_model_node_profile_names_provider_and_model(tmp_path: Path) -> None:

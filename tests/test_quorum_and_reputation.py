@@ -132,7 +132,7 @@ async def _run(client: Client, settings: Settings, **kw: object) -> TaskResult:
     values.update(kw)
     return await client.execute_workflow(
         TaskWorkflow.run,
-        TaskInput(task_id=task_id, **values),  # type: ignore[arg-type]
+        TaskInput(task_id=task_id, **values),
         id=task_id,
         task_queue=settings.core_task_queue,
     )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import uuid
+from collections.abc import Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, AsyncExitStack
 from datetime import UTC, datetime
 from pathlib import Path
@@ -55,7 +56,7 @@ async def _run(
     task_id = _ids("task")
     return await client.execute_workflow(
         TaskWorkflow.run,
-        TaskInput(task_id=task_id, prompt=prompt, k=k, **kw),  # type: ignore[arg-type]
+        TaskInput(task_id=task_id, prompt=prompt, k=k, **kw),
         id=task_id,
         task_queue=settings.core_task_queue,
     )
@@ -117,7 +118,9 @@ async def test_region_constraint_is_honoured(
     assert len(result.contributions) == 2
 
 
-def _flaky_answer(fail_nodes: set[str], delay_s: float = 0.0) -> object:
+def _flaky_answer(
+    fail_nodes: set[str], delay_s: float = 0.0
+) -> Callable[[AnswerInput], Awaitable[Contribution]]:
     @activity.defn(name="answer")
     async def answer(input: AnswerInput) -> Contribution:
         if delay_s:
