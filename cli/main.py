@@ -357,6 +357,7 @@ async def _task(args: argparse.Namespace, settings: Settings) -> int:
             regions=args.regions,
             quorum=args.quorum,
             deadline_ms=int(args.deadline_s * 1000) if args.deadline_s else None,
+            wait_for_experts_s=settings.task_wait_for_experts_s,
         ),
         id=task_id,
         task_queue=settings.core_task_queue,

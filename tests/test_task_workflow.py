@@ -214,26 +214,66 @@ async def test_task_fails_clearly_when_every_expert_fails(
     assert sorted(r.node_id for r in found[1]) == sorted(nodes)
 
 
-async def test_no_live_node_fails_with_a_typed_error(
+async def test_no_live_node_fails_with_a_typed_error_after_the_wait(
     client: Client, settings: Settings, sessions: SessionFactory
 ) -> None:
     # Registered, but no worker polls its queue: it must not be routed to.
     await _register_fake_nodes(sessions, [_ids("ghost")], ["bread"])
     task_id = _ids("task")
     async with build_core_worker(client, sessions=sessions, settings=settings):
+        handle = await client.start_workflow(
+            TaskWorkflow.run,
+            TaskInput(
+                task_id=task_id, prompt="why does bread need yeast", k=1, wait_for_experts_s=2
+            ),
+            id=task_id,
+            task_queue=settings.core_task_queue,
+        )
+
+        async def waiting() -> bool:
+            stage = (await handle.query(TaskWorkflow.progress)).stage
+            return stage == TaskStage.WAITING_FOR_EXPERTS
+
+        await wait_for(waiting, timeout=10, every=0.05)
         with pytest.raises(WorkflowFailureError) as info:
-            await client.execute_workflow(
-                TaskWorkflow.run,
-                TaskInput(task_id=task_id, prompt="why does bread need yeast", k=1),
-                id=task_id,
-                task_queue=settings.core_task_queue,
-            )
+            await handle.result()
     cause = info.value.cause
     assert isinstance(cause, ApplicationError) and cause.type == "NoExpertsAvailable"
+    assert "waited 2 s" in cause.message
     async with sessions() as s:  # the failure is recorded, with what was wrong
         found = await queries.get_task(session=s, task_id=task_id)
     assert found is not None and found[0].status == "failed"
     assert "no live expert" in (found[0].error or "")
+
+
+async def test_a_task_waits_for_an_expert_and_completes_when_one_starts(
+    client: Client, settings: Settings, sessions: SessionFactory
+) -> None:
+    """A network still starting (or a node a few seconds late): the task is durable, so it
+    waits in ``waiting_for_experts`` (listed as XpandoStatus="waiting") and routes once a node's
+    worker polls, instead of failing."""
+    node = _ids("late")
+    await _register_fake_nodes(sessions, [node], ["bread"])
+    task_id = _ids("task")
+    async with build_core_worker(client, sessions=sessions, settings=settings):
+        handle = await client.start_workflow(
+            TaskWorkflow.run,
+            TaskInput(task_id=task_id, prompt="bread", k=1, wait_for_experts_s=60),
+            id=task_id,
+            task_queue=settings.core_task_queue,
+        )
+
+        async def listed_waiting() -> bool:
+            query = f'WorkflowId="{task_id}" AND XpandoStatus="waiting"'
+            return [w.id async for w in client.list_workflows(query)] == [task_id]
+
+        await wait_for(listed_waiting, timeout=15)
+        async with Worker(
+            client, task_queue=node_task_queue(node), activities=[_flaky_answer(set())]
+        ):
+            result = await handle.result()
+    assert [c.node_id for c in result.contributions] == [node]
+    assert result.contributions[0].status == ContributionStatus.OK
 
 
 async def test_progress_query_shows_the_stage_while_experts_work(

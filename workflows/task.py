@@ -50,6 +50,13 @@ RECORD_RETRY = RetryPolicy(
 # Reporting an ask's outcome to the circuit breakers is advisory: a few quick tries, then move on.
 OUTCOME_RETRY = RetryPolicy(initial_interval=timedelta(milliseconds=200), maximum_attempts=3)
 STANDBYS = 2
+# A task that finds no live expert waits for one (a network starting or restarting, a region
+# being rolled): it routes again after EXPERT_WAIT_FIRST, doubling up to EXPERT_WAIT_MAX, until
+# TaskInput.wait_for_experts_s (default DEFAULT_WAIT_FOR_EXPERTS) has passed. A timer per try,
+# not a poll per second: about a dozen tries in two minutes.
+DEFAULT_WAIT_FOR_EXPERTS = timedelta(seconds=120)
+EXPERT_WAIT_FIRST = timedelta(seconds=1)
+EXPERT_WAIT_MAX = timedelta(seconds=15)
 KNOWLEDGE_CONTEXT_ITEMS = 3
 
 
@@ -132,28 +139,47 @@ class TaskWorkflow:
 
     async def _plan_and_route(self, input: TaskInput) -> tuple[PlanResult, RouteResult | None]:
         """Embed the prompt, look for reusable knowledge and, unless it answers the task, pick
-        the experts (one local activity). A known related item lowers ``k`` (see _widen)."""
-        try:
-            both: PlanRouteResult = await workflow.execute_local_activity_method(
-                RoutingActivities.plan_route,
-                PlanRouteInput(
-                    plan=PlanInput(
-                        task_id=input.task_id,
-                        prompt=input.prompt,
-                        domain=input.domain,
-                        max_context=KNOWLEDGE_CONTEXT_ITEMS,
-                        fresh=input.fresh,
+        the experts (one local activity). A known related item lowers ``k`` (see _widen). With
+        no live expert, wait for one (stage ``waiting_for_experts``), then fail with the reason."""
+        limit = (
+            DEFAULT_WAIT_FOR_EXPERTS
+            if input.wait_for_experts_s is None
+            else timedelta(seconds=input.wait_for_experts_s)
+        )
+        waited, pause = timedelta(0), EXPERT_WAIT_FIRST
+        while True:
+            try:
+                both: PlanRouteResult = await workflow.execute_local_activity_method(
+                    RoutingActivities.plan_route,
+                    PlanRouteInput(
+                        plan=PlanInput(
+                            task_id=input.task_id,
+                            prompt=input.prompt,
+                            domain=input.domain,
+                            max_context=KNOWLEDGE_CONTEXT_ITEMS,
+                            fresh=input.fresh,
+                        ),
+                        route=self._route_input(input, k=input.k),
                     ),
-                    route=self._route_input(input, k=input.k),
-                ),
-                start_to_close_timeout=CORE_STEP_TIMEOUT,
-                retry_policy=CORE_STEP_RETRY,
-            )
-        except (ActivityError, ApplicationError) as err:
-            if _failure_type(err) == "NoExpertsAvailable":
-                await self._fail(input, failure_reason(err), [], type="NoExpertsAvailable")
-            raise
-        return both.plan, both.route
+                    start_to_close_timeout=CORE_STEP_TIMEOUT,
+                    retry_policy=CORE_STEP_RETRY,
+                )
+                return both.plan, both.route
+            except (ActivityError, ApplicationError) as err:
+                if _failure_type(err) != "NoExpertsAvailable":
+                    raise
+                if waited >= limit:
+                    reason = failure_reason(err)
+                    if waited:
+                        reason += f" (waited {waited.total_seconds():g} s for one)"
+                    await self._fail(input, reason, [], type="NoExpertsAvailable")
+                    raise
+            self._set_stage(TaskStage.WAITING_FOR_EXPERTS)
+            pause = min(pause, limit - waited)
+            await workflow.sleep(pause)
+            waited += pause
+            pause = min(pause * 2, EXPERT_WAIT_MAX)
+            self._set_stage(TaskStage.PLANNING)
 
     def _list_route(self, route: RouteResult) -> None:
         """Make the task findable by its domain and its experts."""
@@ -354,13 +380,14 @@ class TaskWorkflow:
         status = {
             TaskStage.COMPLETED: "completed",
             TaskStage.FAILED: "failed",
+            TaskStage.WAITING_FOR_EXPERTS: "waiting",
         }.get(stage, "running")
         if status == self._status:
             return
         self._status = status
         updates: list[SearchAttributeUpdate[Any]] = [STATUS.value_set(status)]
         listed = self._domain or "general"
-        if status != "running" and listed != self._listed_domain:
+        if status in ("completed", "failed") and listed != self._listed_domain:
             self._listed_domain = listed
             updates.append(DOMAIN.value_set(listed))
         workflow.upsert_search_attributes(updates)

@@ -23,6 +23,7 @@ class TaskStage(StrEnum):
     QUEUED = "queued"
     PLANNING = "planning"
     ROUTING = "routing"
+    WAITING_FOR_EXPERTS = "waiting_for_experts"  # no live expert yet: routing again on a timer
     ANSWERING = "answering"
     AGGREGATING = "aggregating"
     RECORDING = "recording"
@@ -110,6 +111,9 @@ class TaskInput(Contract):
     # cancelled.
     quorum: int | None = Field(None, ge=1)
     deadline_ms: int | None = Field(None, ge=1)
+    # With no live expert to route to, wait this long for one (None: TaskWorkflow's default;
+    # 0: fail at once). The API sets XPANDO_TASK_WAIT_FOR_EXPERTS_S.
+    wait_for_experts_s: int | None = Field(None, ge=0, le=86_400)
 
 
 class AnswerPolicy(Contract):

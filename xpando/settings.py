@@ -164,6 +164,12 @@ class Settings(BaseSettings):
     task_deadline_s: float = Field(
         0.0, ge=0, description="After this, a task goes on with the answers it has (0: no deadline)"
     )
+    task_wait_for_experts_s: int = Field(
+        120,
+        ge=0,
+        le=86_400,
+        description="A task that finds no live expert waits this long for one (0: fails at once)",
+    )
 
     # --- circuit breakers (per node, and per provider within a region) -------------------------
     breaker_failures: int = Field(

@@ -83,6 +83,7 @@ async def submit_task(
         fresh=body.fresh,
         quorum=min(quorum, k) if quorum else None,
         deadline_ms=int(deadline_s * 1000) if deadline_s else None,
+        wait_for_experts_s=settings.task_wait_for_experts_s,
     )
     try:
         handle = await client.start_workflow(
