@@ -13,7 +13,7 @@ from activities.recording import RecordingActivities
 from activities.registration import RegistrationActivities
 from activities.routing import RoutingActivities
 from workers.payouts import build_payout_activities, ensure_payout_schedule, payout_activity_methods
-from workers.runtime import stop_on_signals
+from workers.runtime import VersionedWorker, stop_on_signals
 from workers.wiring import (
     build_aggregator,
     build_core_parts,
@@ -63,8 +63,11 @@ def build_core_worker(
     knowledge = KnowledgeActivities(
         consolidator=Consolidator(sessions=sessions, index=parts.knowledge)
     )
-    return Worker(
+    return VersionedWorker(
         client,
+        deployment=queue,
+        build_id=settings.worker_build_id,
+        promote=settings.worker_promote,
         task_queue=queue,
         workflows=WORKFLOWS,
         activities=[

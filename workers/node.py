@@ -18,9 +18,9 @@ from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.worker import Worker
 
 from activities.answering import AnsweringActivities
-from workers.runtime import stop_on_signals
+from workers.runtime import NODE_DEPLOYMENT, VersionedWorker, stop_on_signals
 from workflows.node_registration import NodeRegistrationWorkflow
-from xpando import temporal
+from xpando import __version__, temporal
 from xpando.contracts import (
     NodeAction,
     NodeDomain,
@@ -166,13 +166,22 @@ def build_node(spec: NodeSpec, *, data_dir: Path) -> tuple[NodeProfile, Provider
 
 
 def build_node_worker(
-    client: Client, *, profile: NodeProfile, provider: Provider, simulated_latency_ms: int = 0
+    client: Client,
+    *,
+    profile: NodeProfile,
+    provider: Provider,
+    simulated_latency_ms: int = 0,
+    build_id: str = __version__,
+    promote: bool = True,
 ) -> Worker:
     node = AnsweringActivities(
         profile=profile, provider=provider, simulated_latency_ms=simulated_latency_ms
     )
-    return Worker(
+    return VersionedWorker(
         client,
+        deployment=NODE_DEPLOYMENT,
+        build_id=build_id,
+        promote=promote,
         task_queue=profile.task_queue,
         activities=[node.answer],
         max_concurrent_activities=profile.capacity,
@@ -272,6 +281,8 @@ async def run_node_worker(settings: Settings, spec: NodeSpec) -> None:
         profile=profile,
         provider=provider,
         simulated_latency_ms=spec.simulated_latency_ms,
+        build_id=settings.worker_build_id,
+        promote=settings.worker_promote,
     )
     rejected: list[str] = []
 

@@ -28,8 +28,8 @@ from temporalio.worker import PollerBehaviorSimpleMaximum, Worker
 
 from activities.answering import AnsweringActivities
 from workers.node import DOMAIN_KEYWORDS, register
-from workers.runtime import stop_on_signals
-from xpando import temporal
+from workers.runtime import NODE_DEPLOYMENT, VersionedWorker, stop_on_signals
+from xpando import __version__, temporal
 from xpando.contracts import ContributionStatus, NodeDomain, NodeProfile
 from xpando.corpus import DEV_DOMAINS, ensure_domain_corpus
 from xpando.keys import load_or_create_keypair, node_key_path
@@ -126,12 +126,22 @@ def fleet_nodes(spec: FleetSpec, *, data_dir: Path, keys: bool = True) -> list[F
     return nodes
 
 
-def fleet_worker(client: Client, node: FleetNode, *, simulated_latency_ms: int = 0) -> Worker:
+def fleet_worker(
+    client: Client,
+    node: FleetNode,
+    *,
+    simulated_latency_ms: int = 0,
+    build_id: str = __version__,
+    promote: bool = True,
+) -> Worker:
     activities = AnsweringActivities(
         profile=node.profile, provider=node.provider, simulated_latency_ms=simulated_latency_ms
     )
-    return Worker(
+    return VersionedWorker(
         client,
+        deployment=NODE_DEPLOYMENT,
+        build_id=build_id,
+        promote=promote,
         task_queue=node.profile.task_queue,
         activities=[activities.answer],
         max_concurrent_activities=node.profile.capacity,
@@ -180,7 +190,14 @@ async def run_fleet(settings: Settings, spec: FleetSpec) -> None:
         settings, attempts=60, runtime=temporal.heartbeat_runtime(settings.node_heartbeat_s)
     )
     workers = [
-        fleet_worker(client, n, simulated_latency_ms=spec.simulated_latency_ms) for n in nodes
+        fleet_worker(
+            client,
+            n,
+            simulated_latency_ms=spec.simulated_latency_ms,
+            build_id=settings.worker_build_id,
+            promote=settings.worker_promote,
+        )
+        for n in nodes
     ]
     runs = [asyncio.create_task(w.run()) for w in workers]
 

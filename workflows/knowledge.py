@@ -12,7 +12,7 @@ import asyncio
 from datetime import timedelta
 
 from temporalio import workflow
-from temporalio.common import RetryPolicy
+from temporalio.common import RetryPolicy, VersioningBehavior
 
 with workflow.unsafe.imports_passed_through():
     from activities.knowledge import KnowledgeActivities
@@ -32,7 +32,10 @@ SWEEP_EVERY = timedelta(hours=6)
 SEEN_LIMIT = 2000  # task ids remembered to drop duplicate signals (signal-with-start retries)
 
 
-@workflow.defn
+# Auto-upgrade: one entity per domain lives for the network's whole life, so it cannot stay pinned
+# to the version that started it; it moves to the current version at its next workflow task (a
+# change to it that alters its commands needs workflow.patched — the one place that tool fits).
+@workflow.defn(versioning_behavior=VersioningBehavior.AUTO_UPGRADE)
 class KnowledgeWorkflow:
     def __init__(self) -> None:
         self._pending: list[KnowledgeItemInput] = []

@@ -9,6 +9,8 @@ from typing import Annotated, Literal
 from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from xpando import __version__
+
 
 class Settings(BaseSettings):
     """Every port, path, count and limit xpando uses. See the README's configuration table."""
@@ -44,6 +46,15 @@ class Settings(BaseSettings):
     temporal_tls: bool = False
     temporal_api_key: SecretStr | None = None
     core_task_queue: str = "xpando-core"
+    build_id: str | None = Field(
+        None,
+        description="This build's Worker Deployment version (default: the package version)",
+    )
+    worker_promote: bool = Field(
+        True,
+        description="A starting worker makes its version the deployment's current one "
+        "(off for a controlled rollout with `temporal worker deployment set-current-version`)",
+    )
 
     # --- database -----------------------------------------------------------------------------
     database_url: str | None = Field(
@@ -358,6 +369,10 @@ class Settings(BaseSettings):
         if self.database_url:
             return self.database_url
         return f"sqlite+aiosqlite:///{(self.data_dir / 'xpando.db').resolve()}"
+
+    @property
+    def worker_build_id(self) -> str:
+        return self.build_id or __version__
 
     def workflow_ui_url(self, workflow_id: str) -> str:
         return (
