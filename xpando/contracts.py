@@ -489,6 +489,7 @@ class KnowledgeStats(Contract):
     added: int = 0
     merges: int = 0
     stale: int = 0
+    skipped: int = 0  # items the database refused (see ConsolidateResult.skipped)
     consolidations: int = 0
     runs: int = 1  # workflow runs so far (continue-as-new starts a new run)
     pending: int = 0  # received, not yet consolidated
@@ -513,6 +514,7 @@ class ConsolidateResult(Contract):
     added: int = 0
     merged: int = 0
     stale: int = 0
+    skipped: int = 0  # refused by the database (e.g. text it cannot hold): not stored, not retried
     items: int = 0
 
 
