@@ -5,6 +5,7 @@ from __future__ import annotations
 from temporalio import activity
 
 from xpando.contracts import ConsolidateInput, ConsolidateResult
+from xpando.db.errors import fail_fast
 from xpando.mother.knowledge import Consolidator
 
 
@@ -16,5 +17,8 @@ class KnowledgeActivities:
 
     @activity.defn(name="consolidate_knowledge")
     async def consolidate(self, input: ConsolidateInput) -> ConsolidateResult:
-        """Store new items, merge near-duplicates, mark stale ones; one transaction."""
-        return await self._consolidator.consolidate(input)
+        """Store new items, merge near-duplicates, mark stale ones. An item the database refuses
+        is skipped and counted (``ConsolidateResult.skipped``); a refusal of the batch as a
+        whole (the sweep) fails the step without a retry."""
+        with fail_fast(f"consolidate the knowledge of {input.domain}"):
+            return await self._consolidator.consolidate(input)

@@ -3,7 +3,9 @@
 ``finish`` is a task's last core step (aggregate, then record and hand what was learned to the
 domain's KnowledgeWorkflow); ``record`` alone persists a failed task or one answered from
 knowledge. Every write is an idempotent upsert keyed by the task (and node), so a retried step
-writes nothing twice.
+writes nothing twice. A write the database refuses for what it holds (``xpando/db/errors.py``)
+fails the step at once with a non-retryable ``ApplicationError`` (``InvalidText``,
+``DataRefused``, ``ConstraintViolation``): no retry would land it.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from xpando.contracts import (
 )
 from xpando.db import SessionFactory, queries
 from xpando.db import nodes as node_queries
+from xpando.db.errors import fail_fast
 from xpando.db.nodes import ReputationParams
 from xpando.logs import get_logger
 from xpando.mother import aggregate
@@ -108,21 +111,22 @@ class RecordingActivities:
 
         async def write() -> tuple[RecordResult, list[str]]:
             moved: list[str] = []
-            async with self._sessions() as session:  # one transaction
-                result = await queries.record_task(
-                    session=session, record=input, now=now, commit=False
-                )
-                if input.status == TaskStage.COMPLETED and input.contributions:
-                    moved = await node_queries.apply_reputation(
-                        session=session,
-                        record=input,
-                        params=self._reputation,
-                        now=now,
-                        commit=False,
+            with fail_fast(f"record {input.task_id}"):
+                async with self._sessions() as session:  # one transaction
+                    result = await queries.record_task(
+                        session=session, record=input, now=now, commit=False
                     )
-                if input.outcomes:
-                    await self._breakers.count_outcomes(session, input.outcomes, now)
-                await session.commit()
+                    if input.status == TaskStage.COMPLETED and input.contributions:
+                        moved = await node_queries.apply_reputation(
+                            session=session,
+                            record=input,
+                            params=self._reputation,
+                            now=now,
+                            commit=False,
+                        )
+                    if input.outcomes:
+                        await self._breakers.count_outcomes(session, input.outcomes, now)
+                    await session.commit()
             return result, moved
 
         async def publish() -> None:
@@ -131,7 +135,8 @@ class RecordingActivities:
             if self._publish is None:
                 log.warning("no knowledge publisher: item not published", task_id=input.task_id)
                 return
-            await self._publish(input.publish)
+            with fail_fast(f"publish the knowledge of {input.task_id}"):  # a payload not sendable
+                await self._publish(input.publish)
 
         # The signal-with-start and the database writes are independent (each idempotent, and
         # a failure of either retries the step): run them side by side.

@@ -2,7 +2,8 @@
 
 TaskWorkflow runs them as local activities: ``plan_route`` (knowledge lookup, then the routing
 decision), ``route`` (a reroute or a widened panel) and ``report_outcome`` (a failed ask, for the
-circuit breakers). The decisions themselves are :class:`xpando.routing.router.Router`'s.
+circuit breakers). The decisions themselves are :class:`xpando.routing.router.Router`'s. A
+database error no retry can fix fails a step at once (``xpando/db/errors.py``).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from xpando.contracts import (
     RouteResult,
 )
 from xpando.db import SessionFactory, queries
+from xpando.db.errors import fail_fast
 from xpando.logs import get_logger
 from xpando.mother.knowledge import KnowledgeIndex, reuse_from
 from xpando.routing.router import Router
@@ -52,24 +54,27 @@ class RoutingActivities:
     async def plan_route(self, input: PlanRouteInput) -> PlanRouteResult:
         """``plan``, then ``route`` unless stored knowledge answers the task: the first core
         step of a task in one local activity (a NoExpertsAvailable from routing fails it)."""
-        plan = await self._plan(input.plan)
-        if plan.reuse is not None:
-            return PlanRouteResult(plan=plan)
-        route = input.route
-        if plan.suggested_k is not None and plan.suggested_k < route.k:
-            route = route.model_copy(update={"k": plan.suggested_k})
-        return PlanRouteResult(plan=plan, route=await self._router.route(route))
+        with fail_fast(f"plan and route {input.plan.task_id}"):
+            plan = await self._plan(input.plan)
+            if plan.reuse is not None:
+                return PlanRouteResult(plan=plan)
+            route = input.route
+            if plan.suggested_k is not None and plan.suggested_k < route.k:
+                route = route.model_copy(update={"k": plan.suggested_k})
+            return PlanRouteResult(plan=plan, route=await self._router.route(route))
 
     @activity.defn(name="route")
     async def route(self, input: RouteInput) -> RouteResult:
         """One routing decision (``Router.route``); NoExpertsAvailable when nobody can serve."""
-        return await self._router.route(input)
+        with fail_fast(f"route {input.task_id}"):
+            return await self._router.route(input)
 
     @activity.defn(name="report_outcome")
     async def report_outcome(self, input: ExpertOutcomeInput) -> ExpertOutcomeResult:
         """Count one ask's outcome for the node's and its provider's circuit breakers."""
         failing, _ = self._breakers.effects(input)
-        recorded, views = await self._breakers.report(input, datetime.now(UTC))
+        with fail_fast(f"report the outcome of {input.event_id}"):
+            recorded, views = await self._breakers.report(input, datetime.now(UTC))
         opened = [v.key for v in views if v.state == BreakerState.OPEN and failing]
         if opened:
             log.warning(

@@ -9,6 +9,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from xpando.contracts import INVALID_TEXT
+
 
 class ApiError(Exception):
     def __init__(
@@ -41,9 +43,12 @@ def install(app: FastAPI) -> None:
             for err in exc.errors()
         ]
         summary = "; ".join(f"{d['field'] or 'body'}: {d['message']}" for d in details)
-        return JSONResponse(
-            _body("validation_error", f"invalid request: {summary}", details), status_code=422
-        )
+        # Text a database or provider cannot take has a code of its own, so a client can tell
+        # "fix your encoding" from "fix your request".
+        code = "validation_error"
+        if details and all(d["code"] == INVALID_TEXT for d in details):
+            code = INVALID_TEXT
+        return JSONResponse(_body(code, f"invalid request: {summary}", details), status_code=422)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:

@@ -5,16 +5,25 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, computed_field
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    computed_field,
+)
 
 from xpando.contracts import (
     AggregationStrategy,
     BreakerView,
+    CleanText,
     Contribution,
     KnowledgeReuse,
     NodeDomain,
     Provenance,
     RoutingReport,
+    refuse_unsafe_text,
 )
 from xpando.contracts_payouts import ApproveInput, PayoutSagaResult
 
@@ -22,13 +31,24 @@ PROMPT_MAX_CHARS = 8000
 K_MIN, K_MAX = 1, 9
 ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"
 
-Region = Annotated[str, StringConstraints(min_length=1, max_length=32, pattern=r"^[a-z0-9-]+$")]
+# The text check comes after the constraints here so that the pattern stays in the OpenAPI
+# schema; it still runs first (a before-validator), so a control character is ``invalid_text``.
+Region = Annotated[
+    str,
+    StringConstraints(min_length=1, max_length=32, pattern=r"^[a-z0-9-]+$"),
+    BeforeValidator(refuse_unsafe_text),
+]
+Domain = Annotated[
+    str,
+    StringConstraints(min_length=1, max_length=64, pattern=r"^[a-z0-9-]+$"),
+    BeforeValidator(refuse_unsafe_text),
+]
 
 
 class TaskCreate(BaseModel):
     model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
 
-    prompt: str = Field(
+    prompt: CleanText = Field(
         min_length=1,
         max_length=PROMPT_MAX_CHARS,
         description="The question or task for the experts",
@@ -36,7 +56,7 @@ class TaskCreate(BaseModel):
     k: int | None = Field(
         None, ge=K_MIN, le=K_MAX, description="How many experts to ask (default: XPANDO_DEFAULT_K)"
     )
-    domain: str | None = Field(None, min_length=1, max_length=64, pattern=r"^[a-z0-9-]+$")
+    domain: Domain | None = None
     regions: list[Region] = Field(
         default_factory=list, max_length=8, description="Only route to nodes in these regions"
     )

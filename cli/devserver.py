@@ -45,14 +45,15 @@ def dynamic_config_args() -> list[str]:
 
 
 async def start_local_env() -> WorkflowEnvironment:
-    """An in-process dev server on free loopback ports, as tests and benchmarks use it: the
-    pydantic data converter, xpando's search attributes and the dynamic config above."""
-    from temporalio.contrib.pydantic import pydantic_data_converter
+    """An in-process dev server on free loopback ports, as tests and benchmarks use it:
+    xpando's data converter, its search attributes and the dynamic config above."""
     from temporalio.testing import WorkflowEnvironment
+
+    from xpando.temporal import data_converter
 
     return await WorkflowEnvironment.start_local(
         dev_server_existing_path=temporal_cli(),
-        data_converter=pydantic_data_converter,
+        data_converter=data_converter,
         search_attributes=SEARCH_ATTRIBUTES,
         dev_server_extra_args=dynamic_config_args(),
     )

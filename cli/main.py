@@ -16,6 +16,7 @@ from xpando.logs import configure_logging
 from xpando.settings import Settings
 
 if TYPE_CHECKING:
+    from pydantic import ValidationError
     from temporalio.client import Client
 
 
@@ -313,6 +314,7 @@ async def _search_attributes(settings: Settings) -> list[str]:
 
 
 async def _task(args: argparse.Namespace, settings: Settings) -> int:
+    from pydantic import ValidationError
     from temporalio.client import WorkflowFailureError
     from temporalio.common import WorkflowIDConflictPolicy
 
@@ -331,6 +333,20 @@ async def _task(args: argparse.Namespace, settings: Settings) -> int:
             raise CliError("--quorum must be between 1 and --k")
         if args.deadline_s is not None and args.deadline_s <= 0:
             raise CliError("--deadline-s must be > 0")
+        task_id = args.id or f"task-{uuid.uuid4().hex}"
+        try:  # checked here, before Temporal is asked: the API's checks on the same contract
+            task = TaskInput(
+                task_id=task_id,
+                prompt=prompt,
+                k=k,
+                domain=args.domain,
+                regions=args.regions,
+                quorum=args.quorum,
+                deadline_ms=int(args.deadline_s * 1000) if args.deadline_s else None,
+                wait_for_experts_s=settings.task_wait_for_experts_s,
+            )
+        except ValidationError as err:
+            raise CliError(_invalid(err)) from err
     client = await _connect(settings)
     if args.action == "get":
         handle = client.get_workflow_handle_for(TaskWorkflow.run, args.task_id)
@@ -346,19 +362,9 @@ async def _task(args: argparse.Namespace, settings: Settings) -> int:
             return 1
         return 0
 
-    task_id = args.id or f"task-{uuid.uuid4().hex}"
     handle = await client.start_workflow(
         TaskWorkflow.run,
-        TaskInput(
-            task_id=task_id,
-            prompt=prompt,
-            k=k,
-            domain=args.domain,
-            regions=args.regions,
-            quorum=args.quorum,
-            deadline_ms=int(args.deadline_s * 1000) if args.deadline_s else None,
-            wait_for_experts_s=settings.task_wait_for_experts_s,
-        ),
+        task,
         id=task_id,
         task_queue=settings.core_task_queue,
         id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
@@ -373,6 +379,13 @@ async def _task(args: argparse.Namespace, settings: Settings) -> int:
             return 1
         print(result.model_dump_json(indent=2))
     return 0
+
+
+def _invalid(err: ValidationError) -> str:
+    """A refused argument on one line: ``prompt: text contains U+0001 at position 3: …``."""
+    return "; ".join(
+        f"{'.'.join(str(p) for p in e['loc']) or 'argument'}: {e['msg']}" for e in err.errors()
+    )
 
 
 async def _connect(settings: Settings) -> Client:

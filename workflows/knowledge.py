@@ -13,6 +13,7 @@ from datetime import timedelta
 
 from temporalio import workflow
 from temporalio.common import RetryPolicy, VersioningBehavior
+from temporalio.exceptions import ActivityError, ApplicationError
 
 with workflow.unsafe.imports_passed_through():
     from activities.knowledge import KnowledgeActivities
@@ -23,6 +24,7 @@ with workflow.unsafe.imports_passed_through():
         KnowledgeStats,
         KnowledgeWorkflowInput,
     )
+    from xpando.db.errors import REFUSAL_TYPES
 
 CONSOLIDATE_TIMEOUT = timedelta(minutes=2)
 CONSOLIDATE_RETRY = RetryPolicy(
@@ -62,12 +64,20 @@ class KnowledgeWorkflow:
             batch = self._pending[: input.batch_size]
             self._pending = self._pending[input.batch_size :]
             # A core step on this worker's own queue: a local activity (no task round trip).
-            result: ConsolidateResult = await workflow.execute_local_activity_method(
-                KnowledgeActivities.consolidate,
-                ConsolidateInput(domain=input.domain, items=batch, sweep=sweep),
-                start_to_close_timeout=CONSOLIDATE_TIMEOUT,
-                retry_policy=CONSOLIDATE_RETRY,
-            )
+            try:
+                result: ConsolidateResult = await workflow.execute_local_activity_method(
+                    KnowledgeActivities.consolidate,
+                    ConsolidateInput(domain=input.domain, items=batch, sweep=sweep),
+                    start_to_close_timeout=CONSOLIDATE_TIMEOUT,
+                    retry_policy=CONSOLIDATE_RETRY,
+                )
+            except (ActivityError, ApplicationError) as err:
+                # The database refused the batch as a whole (items it refuses one by one are
+                # skipped by the activity): skip it, so the domain's knowledge keeps growing.
+                if not _refused(err):
+                    raise
+                workflow.logger.warning("knowledge batch refused, skipped: %s", err)
+                result = ConsolidateResult(items=self._stats.items, skipped=len(batch))
             consolidations += 1
             self._stats = self._stats.model_copy(
                 update={
@@ -75,6 +85,7 @@ class KnowledgeWorkflow:
                     "added": self._stats.added + result.added,
                     "merges": self._stats.merges + result.merged,
                     "stale": self._stats.stale + result.stale,
+                    "skipped": self._stats.skipped + result.skipped,
                     "consolidations": self._stats.consolidations + 1,
                     "last_consolidation": workflow.now(),
                 }
@@ -110,3 +121,13 @@ class KnowledgeWorkflow:
         return base.model_copy(
             update={"received": base.received + self._received, "pending": len(self._pending)}
         )
+
+
+def _refused(err: BaseException) -> bool:
+    """A non-retryable refusal by the database (a local activity's error may be ``err``)."""
+    cause: BaseException | None = err
+    while cause is not None:
+        if isinstance(cause, ApplicationError):
+            return cause.non_retryable and cause.type in REFUSAL_TYPES
+        cause = cause.__cause__
+    return False

@@ -38,6 +38,7 @@ with workflow.unsafe.imports_passed_through():
         TaskResult,
         TaskStage,
     )
+    from xpando.db.errors import REFUSAL_TYPES
     from xpando.temporal import DOMAIN, NODES, STATUS
 
 # Core steps are short and need no other queue: local activities on the core worker.
@@ -227,7 +228,7 @@ class TaskWorkflow:
     ) -> AggregateResult:
         """Aggregate, record and publish what was learned, in one local activity; the task's
         domain, when it had none, is the winning expert's."""
-        finished: FinishResult = await workflow.execute_local_activity_method(
+        finished: FinishResult = await self._unless_refused(
             RecordingActivities.finish,
             FinishInput(
                 aggregate=AggregateInput(
@@ -353,12 +354,27 @@ class TaskWorkflow:
         return route
 
     async def _record(self, record: RecordInput) -> None:
-        await workflow.execute_local_activity_method(
+        await self._unless_refused(
             RecordingActivities.record,
             record,
             start_to_close_timeout=CORE_STEP_TIMEOUT,
             retry_policy=RECORD_RETRY,
         )
+
+    async def _unless_refused(self, step: Any, arg: Any, **options: Any) -> Any:
+        """A recording step (retried until it lands), unless the database refuses what it
+        writes — no retry can fix that: the task ends ``failed`` with the refusal, at once."""
+        try:
+            return await workflow.execute_local_activity_method(step, arg, **options)
+        except (ActivityError, ApplicationError) as err:
+            if _failure_type(err) not in REFUSAL_TYPES:
+                raise
+            reason = f"the task could not be recorded: {failure_reason(err)}"
+            if self._error:  # it was failing already: keep why
+                reason = f"{self._error}; {reason}"
+            self._error = reason
+            self._set_stage(TaskStage.FAILED)
+            raise ApplicationError(reason, type="RecordRefused", non_retryable=True) from err
 
     def _outcome(self, contribution: Contribution) -> ExpertOutcomeInput:
         info = workflow.info()

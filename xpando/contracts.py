@@ -6,14 +6,57 @@ Everything here is plain JSON so operators can start workflows with
 
 from __future__ import annotations
 
+import re
 from datetime import datetime
 from enum import StrEnum
+from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic_core import PydanticCustomError
 
 
 class Contract(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+# --- text ----------------------------------------------------------------------------------------
+
+# Characters that text sent to a database or a provider must not hold: NUL (PostgreSQL refuses
+# it in text), lone surrogates (they have no UTF-8 encoding, so no JSON payload, database or
+# provider call can carry them), and the other C0 controls but tab, newline and carriage return
+# (terminal escapes, invisible in logs and the Web UI: no prompt or profile needs them).
+UNSAFE_TEXT = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff]")
+INVALID_TEXT = "invalid_text"  # the error code of a refusal (API details, pydantic error type)
+INVALID_TEXT_TYPE = "InvalidText"  # the type of the same refusal as a Temporal ApplicationError
+
+
+def refuse_unsafe_text(value: object) -> object:
+    """Refuse a string holding an :data:`UNSAFE_TEXT` character (naming it and where it is, never
+    echoing it: a lone surrogate cannot even be written into the error's JSON)."""
+    if isinstance(value, str) and (found := UNSAFE_TEXT.search(value)):
+        raise PydanticCustomError(
+            INVALID_TEXT,
+            "text contains U+{codepoint} at position {position}: control characters other than "
+            "tab, newline and carriage return, and lone surrogates, are refused",
+            {"codepoint": f"{ord(found.group()):04X}", "position": found.start()},
+        )
+    return value
+
+
+def scrub_unsafe_text(value: object) -> object:
+    """Drop control characters and replace lone surrogates with U+FFFD."""
+    if isinstance(value, str) and UNSAFE_TEXT.search(value):
+        return UNSAFE_TEXT.sub(lambda m: "\ufffd" if m.group() >= "\ud800" else "", value)
+    return value
+
+
+# Text a person or a node sends in: refused when unsafe (before any other check of the field,
+# so the error code is always ``invalid_text``). Silently changed text would be a prompt nobody
+# asked, an approval note nobody wrote, or a signed profile that no longer matches its signature.
+CleanText = Annotated[str, BeforeValidator(refuse_unsafe_text)]
+# Text a provider or a corpus produced (answers, citations, error messages): nobody can correct
+# it, and refusing it would fail a task over a provider's quirk, so it is made safe instead.
+ScrubbedText = Annotated[str, BeforeValidator(scrub_unsafe_text)]
 
 
 # --- shared pieces -------------------------------------------------------------------------------
@@ -44,10 +87,10 @@ class ContributionStatus(StrEnum):
 
 
 class Citation(Contract):
-    source: str = Field(
+    source: ScrubbedText = Field(
         description="Where the passage comes from (module path, URL, knowledge:<id>)"
     )
-    text: str = Field(description="The passage as cited")
+    text: ScrubbedText = Field(description="The passage as cited")
     score: float = Field(ge=0.0, description="Relevance of the passage to the prompt")
 
 
@@ -62,18 +105,18 @@ class KnowledgeSnippet(Contract):
 
 
 class NodeDomain(Contract):
-    name: str = Field(min_length=1, max_length=64)
-    description: str = Field("", max_length=2000)
-    keywords: list[str] = Field(default_factory=list, max_length=200)
+    name: CleanText = Field(min_length=1, max_length=64)
+    description: CleanText = Field("", max_length=2000)
+    keywords: list[CleanText] = Field(default_factory=list, max_length=200)
 
 
 class NodeProfile(Contract):
     """What a node says about itself when it registers."""
 
     node_id: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-    region: str = Field(min_length=1, max_length=32)
-    provider: str = Field(min_length=1, max_length=32)
-    model: str = Field(min_length=1, max_length=128)
+    region: CleanText = Field(min_length=1, max_length=32)
+    provider: CleanText = Field(min_length=1, max_length=32)
+    model: CleanText = Field(min_length=1, max_length=128)
     domains: list[NodeDomain] = Field(default_factory=list, max_length=16)
     capacity: int = Field(4, ge=1, le=1024)
     wallet: str | None = Field(
@@ -98,10 +141,10 @@ def node_task_queue(node_id: str) -> str:
 
 class TaskInput(Contract):
     task_id: str
-    prompt: str = Field(min_length=1)
+    prompt: CleanText = Field(min_length=1)
     k: int = Field(3, ge=1)
-    domain: str | None = None
-    regions: list[str] = Field(default_factory=list)
+    domain: CleanText | None = None
+    regions: list[CleanText] = Field(default_factory=list)
     submitted_at: datetime | None = None
     strategy: AggregationStrategy = AggregationStrategy.CONSENSUS
     fresh: bool = False  # True: do not answer from stored knowledge
@@ -143,16 +186,16 @@ class Contribution(Contract):
     provider: str
     model: str
     status: ContributionStatus
-    answer: str = ""
+    answer: ScrubbedText = ""
     citations: list[Citation] = Field(default_factory=list)
     relevance: float = Field(0.0, ge=0.0, le=1.0)
     quality: float = Field(0.0, ge=0.0, le=1.0)
-    quality_reason: str = ""
+    quality_reason: ScrubbedText = ""
     latency_ms: int = Field(0, ge=0)
     input_tokens: int = Field(0, ge=0)
     output_tokens: int = Field(0, ge=0)
-    finish_reason: str | None = None
-    error: str | None = None
+    finish_reason: ScrubbedText | None = None
+    error: ScrubbedText | None = None
     attempts: int = Field(1, ge=1)  # the activity attempt that answered
     cost_usd: float = Field(0.0, ge=0.0)  # from the node's prices; also for failed answers
     request_id: str | None = None  # the provider's id for the (last) call
@@ -308,11 +351,11 @@ class AggregateInput(Contract):
 
 
 class AggregateResult(Contract):
-    answer: str
+    answer: ScrubbedText
     confidence: float = Field(ge=0.0, le=1.0)
     contributions: list[Contribution]
     strategy: AggregationStrategy = AggregationStrategy.CONSENSUS
-    note: str | None = None  # e.g. why synthesis fell back to consensus
+    note: ScrubbedText | None = None  # e.g. why synthesis fell back to consensus
 
 
 class RecordInput(Contract):
@@ -320,9 +363,9 @@ class RecordInput(Contract):
     prompt: str
     domain: str | None
     status: TaskStage
-    answer: str = ""
+    answer: ScrubbedText = ""
     confidence: float = 0.0
-    error: str | None = None
+    error: ScrubbedText | None = None
     contributions: list[Contribution] = Field(default_factory=list)
     reused_knowledge_id: str | None = None
     outcomes: list[ExpertOutcomeInput] = Field(
@@ -435,6 +478,7 @@ class KnowledgeStats(Contract):
     added: int = 0
     merges: int = 0
     stale: int = 0
+    skipped: int = 0  # items the database refused (see ConsolidateResult.skipped)
     consolidations: int = 0
     runs: int = 1  # workflow runs so far (continue-as-new starts a new run)
     pending: int = 0  # received, not yet consolidated
@@ -459,6 +503,7 @@ class ConsolidateResult(Contract):
     added: int = 0
     merged: int = 0
     stale: int = 0
+    skipped: int = 0  # refused by the database (e.g. text it cannot hold): not stored, not retried
     items: int = 0
 
 
@@ -485,7 +530,7 @@ class ExpertOutcomeInput(Contract):
     region: str
     ok: bool
     error_type: str | None = None
-    error: str | None = None
+    error: ScrubbedText | None = None
 
 
 class BreakerView(Contract):

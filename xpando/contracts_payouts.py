@@ -10,7 +10,7 @@ from enum import StrEnum
 
 from pydantic import Field
 
-from xpando.contracts import Contract
+from xpando.contracts import CleanText, Contract
 
 
 class PayoutStage(StrEnum):
@@ -66,8 +66,8 @@ class PayoutProgress(Contract):
 
 
 class ApproveInput(Contract):
-    approver: str = Field(min_length=1, max_length=64, description="Who approves the payouts")
-    note: str = Field("", max_length=500)
+    approver: CleanText = Field(min_length=1, max_length=64, description="Who approves the payouts")
+    note: CleanText = Field("", max_length=500)
 
 
 class ApproveResult(Contract):

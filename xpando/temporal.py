@@ -9,6 +9,8 @@ from dataclasses import dataclass
 from datetime import UTC, timedelta
 from typing import Any
 
+from pydantic import ValidationError
+from temporalio.api.common.v1 import Payload
 from temporalio.api.enums.v1 import IndexedValueType, TaskQueueType, WorkerStatus
 from temporalio.api.operatorservice.v1 import (
     AddSearchAttributesRequest,
@@ -18,10 +20,18 @@ from temporalio.api.taskqueue.v1 import TaskQueue
 from temporalio.api.workflowservice.v1 import DescribeTaskQueueRequest, ListWorkersRequest
 from temporalio.client import Client
 from temporalio.common import SearchAttributeKey, SearchAttributePair, TypedSearchAttributes
-from temporalio.contrib.pydantic import pydantic_data_converter
+from temporalio.contrib.pydantic import PydanticJSONPlainPayloadConverter
+from temporalio.converter import (
+    CompositePayloadConverter,
+    DataConverter,
+    DefaultPayloadConverter,
+    JSONPlainPayloadConverter,
+)
+from temporalio.exceptions import ApplicationError
 from temporalio.runtime import Runtime, TelemetryConfig
 from temporalio.service import RPCError
 
+from xpando.contracts import INVALID_TEXT, INVALID_TEXT_TYPE
 from xpando.logs import get_logger
 from xpando.settings import Settings
 
@@ -43,17 +53,56 @@ _INDEXED_TYPE = {
 }
 
 
+class _JSONPayloadConverter(PydanticJSONPlainPayloadConverter):
+    """Pydantic's JSON payload converter, except that a payload refused for its text (a
+    ``CleanText`` field with a control character, e.g. a workflow started by hand with
+    ``temporal workflow start``) raises a non-retryable ``InvalidText`` ApplicationError. The SDK
+    lets that fail the workflow (or reject the update) that received it; any other decoding
+    error fails the workflow task, which would then retry until the end of time."""
+
+    def from_payload(self, payload: Payload, type_hint: type | None = None) -> Any:
+        try:
+            return super().from_payload(payload, type_hint)
+        except ValidationError as err:
+            refused = [e for e in err.errors() if e["type"] == INVALID_TEXT]
+            if not refused or len(refused) < err.error_count():
+                raise
+            where = "; ".join(
+                f"{'.'.join(str(p) for p in e['loc']) or 'value'}: {e['msg']}" for e in refused
+            )
+            raise ApplicationError(
+                f"refused {err.title}: {where}", type=INVALID_TEXT_TYPE, non_retryable=True
+            ) from err
+
+
+class PayloadConverter(CompositePayloadConverter):
+    """The SDK's default converters with :class:`_JSONPayloadConverter` for JSON."""
+
+    def __init__(self) -> None:
+        json_converter = _JSONPayloadConverter()
+        super().__init__(
+            *(
+                json_converter if isinstance(c, JSONPlainPayloadConverter) else c
+                for c in DefaultPayloadConverter.default_encoding_payload_converters
+            )
+        )
+
+
+# What every client and worker of xpando uses (workers take their client's).
+data_converter = DataConverter(payload_converter_class=PayloadConverter)
+
+
 async def connect(
     settings: Settings, *, attempts: int = 1, delay_s: float = 0.5, runtime: Runtime | None = None
 ) -> Client:
-    """Connect with the pydantic data converter, trying ``attempts`` times while it starts."""
+    """Connect with xpando's data converter, trying ``attempts`` times while it starts."""
     last: Exception | None = None
     for attempt in range(max(1, attempts)):
         try:
             return await Client.connect(
                 settings.temporal_target,
                 namespace=settings.temporal_namespace,
-                data_converter=pydantic_data_converter,
+                data_converter=data_converter,
                 runtime=runtime,
                 tls=settings.temporal_tls,
                 api_key=(

@@ -6,13 +6,14 @@ from datetime import UTC, datetime
 from typing import Annotated
 
 from fastapi import APIRouter, Path, Query, Request
+from pydantic import BeforeValidator
 from temporalio.service import RPCError, RPCStatusCode
 
 from api.deps import SessionDep, SettingsDep, TemporalClientDep
 from api.errors import ApiError
 from api.schemas import ID_PATTERN, KnowledgeList, KnowledgeView
 from workflows.knowledge import KnowledgeWorkflow
-from xpando.contracts import KnowledgeStats, Provenance
+from xpando.contracts import KnowledgeStats, Provenance, refuse_unsafe_text
 from xpando.db import queries
 from xpando.db.models import Knowledge
 from xpando.mother.knowledge import KnowledgeIndex, effective_confidence, knowledge_workflow_id
@@ -53,7 +54,11 @@ def _view(item: Knowledge, index: KnowledgeIndex, similarity: float | None = Non
 async def search_knowledge(
     request: Request,
     session: SessionDep,
-    q: Annotated[str, Query(min_length=1, max_length=2000, description="What to look for")],
+    q: Annotated[
+        str,
+        Query(min_length=1, max_length=2000, description="What to look for"),
+        BeforeValidator(refuse_unsafe_text),  # a provider embedder may refuse what a DB would
+    ],
     domain: DomainQuery = None,
     limit: Annotated[int, Query(ge=1, le=50)] = 10,
 ) -> KnowledgeList:

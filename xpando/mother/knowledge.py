@@ -38,6 +38,7 @@ from xpando.contracts import (
     Provenance,
 )
 from xpando.db import SessionFactory, queries
+from xpando.db.errors import classify
 from xpando.db.models import Knowledge
 from xpando.embedding import Embedder
 from xpando.logs import get_logger
@@ -438,17 +439,28 @@ def provenance_of(item: Knowledge) -> list[Provenance]:
     return [Provenance.model_validate(p) for p in item.provenance]
 
 
+@dataclass
+class _Stored:
+    added: int = 0
+    merged: int = 0
+    stale: int = 0
+
+
 class Consolidator:
     """Consolidation of one domain's new items (run for the domain's KnowledgeWorkflow, its
-    single writer): store, merge near-duplicates, mark stale items; keeps ``index`` current."""
+    single writer): store, merge near-duplicates, mark stale items; keeps ``index`` current.
+
+    An item the database refuses (``xpando/db/errors.py``: text it cannot hold, a value out of
+    range, a constraint) is skipped and counted, and the rest of its batch is stored: retried,
+    it would fail the same way for ever and hold back every later item of the domain."""
 
     def __init__(self, *, sessions: SessionFactory, index: KnowledgeIndex) -> None:
         self._sessions = sessions
         self._index = index
 
     async def consolidate(self, input: ConsolidateInput) -> ConsolidateResult:
-        """Store new items, merge near-duplicates, mark stale ones; one transaction."""
-        cfg = self._index.config
+        """Store new items, merge near-duplicates, mark stale ones; one transaction (one per
+        item, when the database refuses one of them)."""
         now = datetime.now(UTC)
         await self._index.refresh(force=True)
         vectors = (
@@ -456,31 +468,89 @@ class Consolidator:
             if input.items
             else np.zeros((0, self._index.embedder.dim), np.float32)
         )
-        added = merged = 0
-        touched: list[tuple[str, NDArray[np.float32]]] = []
+        batch = list(zip(input.items, vectors, strict=True))
+        skipped = 0
+        try:
+            stored = await self._store(batch, input.domain, now, sweep=input.sweep)
+        except Exception as err:
+            if classify(err) is None:
+                raise  # transient (connection, lock, timeout): the activity retries the batch
+            stored = _Stored()
+            for item, vec in batch:
+                await self._index.refresh(force=True)  # reloads what a failed batch dropped
+                try:
+                    one = await self._store([(item, vec)], input.domain, now, sweep=False)
+                except Exception as item_err:
+                    found = classify(item_err)
+                    if found is None:
+                        raise
+                    skipped += 1
+                    log.warning(
+                        "knowledge item skipped",
+                        domain=input.domain,
+                        task_id=item.task_id,
+                        type=found.type,
+                        reason=found.reason,
+                    )
+                    continue
+                stored.added += one.added
+                stored.merged += one.merged
+            if input.sweep:
+                stored.stale = (await self._store([], input.domain, now, sweep=True)).stale
+        async with self._sessions() as session:
+            items = await queries.count_knowledge(session=session, domain=input.domain)
+        log.info(
+            "knowledge consolidated",
+            domain=input.domain,
+            added=stored.added,
+            merged=stored.merged,
+            stale=stored.stale,
+            skipped=skipped,
+            items=items,
+        )
+        return ConsolidateResult(
+            added=stored.added,
+            merged=stored.merged,
+            stale=stored.stale,
+            skipped=skipped,
+            items=items,
+        )
+
+    async def _store(
+        self,
+        batch: list[tuple[KnowledgeItemInput, NDArray[np.float32]]],
+        domain: str,
+        now: datetime,
+        *,
+        sweep: bool,
+    ) -> _Stored:
+        """Store ``batch`` (and sweep, if asked) in one transaction; on any failure the index
+        forgets what the batch put into it (the next refresh reloads it from the database)."""
+        cfg = self._index.config
+        stored = _Stored()
         try:
             async with self._sessions() as session:
-                for item, vec in zip(input.items, vectors, strict=True):
+                for item, vec in batch:
                     kid = f"kn-{item.task_id}"
-                    stored = await session.get(Knowledge, kid)
-                    if stored is not None:
+                    existing_row = await session.get(Knowledge, kid)
+                    if existing_row is not None:
                         # A retried batch (or a local activity run again after its workflow
                         # task failed): stored already; count it as the first run did.
-                        if stored.merged_into is not None:
-                            merged += 1
+                        if existing_row.merged_into is not None:
+                            stored.merged += 1
                         else:
-                            added += 1
+                            stored.added += 1
                         continue
                     prov = Provenance(
                         task_id=item.task_id, confidence=item.confidence, nodes=item.nodes, at=now
                     ).model_dump(mode="json")
-                    target = self._merge_target(item, vec, input.domain, now)
+                    target = self._merge_target(item, vec, domain, now)
                     row = Knowledge(
                         knowledge_id=kid,
                         task_id=item.task_id,
                         question=item.question,
                         answer=item.answer,
-                        domain=input.domain,
+                        domain=domain,
                         confidence=item.confidence,
                         nodes=sorted(n.node_id for n in item.nodes),
                         provenance=[prov],
@@ -509,7 +579,7 @@ class Consolidator:
                         existing.updated_at = now
                         session.add(existing)
                         row.status, row.merged_into = "merged", existing.knowledge_id
-                        merged += 1
+                        stored.merged += 1
                         self._index.put(
                             knowledge_id=existing.knowledge_id,
                             vector=np.frombuffer(existing.embedding or b"", np.float32)
@@ -522,34 +592,25 @@ class Consolidator:
                             answer=existing.answer,
                         )
                     else:
-                        added += 1
+                        stored.added += 1
                     session.add(row)
-                    touched.append((kid, vec))
                     self._index.put(
                         knowledge_id=kid,
                         vector=vec,
-                        domain=input.domain,
+                        domain=domain,
                         confidence=row.confidence,
                         confirmed_at=now,
                         question=row.question,
                         answer=row.answer,
                         active=row.status == "active",
                     )
-                stale = await self._mark_stale(session, input.domain, now) if input.sweep else 0
+                if sweep:
+                    stored.stale = await self._mark_stale(session, domain, now)
                 await session.commit()
-                items = await queries.count_knowledge(session=session, domain=input.domain)
         except BaseException:
             self._index._reset()  # drop what this failed batch put into the index
             raise
-        log.info(
-            "knowledge consolidated",
-            domain=input.domain,
-            added=added,
-            merged=merged,
-            stale=stale,
-            items=items,
-        )
-        return ConsolidateResult(added=added, merged=merged, stale=stale, items=items)
+        return stored
 
     def _merge_target(
         self, item: KnowledgeItemInput, vec: NDArray[np.float32], domain: str, now: datetime
