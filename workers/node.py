@@ -172,7 +172,6 @@ def build_node_worker(
     provider: Provider,
     simulated_latency_ms: int = 0,
     build_id: str = __version__,
-    promote: bool = True,
 ) -> Worker:
     node = AnsweringActivities(
         profile=profile, provider=provider, simulated_latency_ms=simulated_latency_ms
@@ -181,7 +180,7 @@ def build_node_worker(
         client,
         deployment=NODE_DEPLOYMENT,
         build_id=build_id,
-        promote=promote,
+        routed=False,
         task_queue=profile.task_queue,
         activities=[node.answer],
         max_concurrent_activities=profile.capacity,
@@ -282,7 +281,6 @@ async def run_node_worker(settings: Settings, spec: NodeSpec) -> None:
         provider=provider,
         simulated_latency_ms=spec.simulated_latency_ms,
         build_id=settings.worker_build_id,
-        promote=settings.worker_promote,
     )
     rejected: list[str] = []
 

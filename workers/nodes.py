@@ -132,7 +132,6 @@ def fleet_worker(
     *,
     simulated_latency_ms: int = 0,
     build_id: str = __version__,
-    promote: bool = True,
 ) -> Worker:
     activities = AnsweringActivities(
         profile=node.profile, provider=node.provider, simulated_latency_ms=simulated_latency_ms
@@ -141,7 +140,7 @@ def fleet_worker(
         client,
         deployment=NODE_DEPLOYMENT,
         build_id=build_id,
-        promote=promote,
+        routed=False,
         task_queue=node.profile.task_queue,
         activities=[activities.answer],
         max_concurrent_activities=node.profile.capacity,
@@ -195,7 +194,6 @@ async def run_fleet(settings: Settings, spec: FleetSpec) -> None:
             n,
             simulated_latency_ms=spec.simulated_latency_ms,
             build_id=settings.worker_build_id,
-            promote=settings.worker_promote,
         )
         for n in nodes
     ]

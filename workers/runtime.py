@@ -38,21 +38,29 @@ def stop_on_signals(stop: Callable[[], Coroutine[Any, Any, None]]) -> None:
 # --- Worker Deployment versions ---------------------------------------------------------------
 
 # The core worker's deployment is named after its task queue (XPANDO_CORE_TASK_QUEUE, so two
-# networks sharing a namespace roll out apart); every node worker is a version of this one.
+# networks sharing a namespace roll out apart). Node workers report a version of this one but
+# are not routed by it: a deployment has one current version for all its queues (rolling one
+# node to a new build would strand every other node), and a version holds about a hundred task
+# queues by default, far fewer than a network's nodes. A node's queue has only its own workers.
 NODE_DEPLOYMENT = "xpando-node"
 # How long a promoting worker waits for the server to know its version (it learns it from the
 # worker's first poll, usually within a fraction of a second).
 PROMOTE_WITHIN_S = 20.0
 
 
-def deployment_config(deployment: str, build_id: str) -> WorkerDeploymentConfig:
+def deployment_config(
+    deployment: str, build_id: str, *, routed: bool = True
+) -> WorkerDeploymentConfig:
     """Poll as ``deployment``'s version ``build_id``; workflows are pinned to the version that
     started them (a new version never replays an old run) unless their definition says
-    otherwise (KnowledgeWorkflow auto-upgrades)."""
+    otherwise (KnowledgeWorkflow auto-upgrades). ``routed=False``: the worker reports its
+    version (``temporal worker list``) but takes its queue's tasks whatever is current."""
     return WorkerDeploymentConfig(
         version=WorkerDeploymentVersion(deployment_name=deployment, build_id=build_id),
-        use_worker_versioning=True,
-        default_versioning_behavior=VersioningBehavior.PINNED,
+        use_worker_versioning=routed,
+        default_versioning_behavior=(
+            VersioningBehavior.PINNED if routed else VersioningBehavior.UNSPECIFIED
+        ),
     )
 
 
@@ -109,14 +117,14 @@ class VersionedWorker(Worker):
         deployment: str,
         build_id: str,
         promote: bool = True,
+        routed: bool = True,
         **options: Any,
     ) -> None:
-        super().__init__(
-            client, deployment_config=deployment_config(deployment, build_id), **options
-        )
+        config = deployment_config(deployment, build_id, routed=routed)
+        super().__init__(client, deployment_config=config, **options)
         self._deployment = deployment
         self._build_id = build_id
-        self._promote = promote
+        self._promote = promote and routed
 
     async def __aenter__(self) -> Worker:
         await super().__aenter__()
