@@ -1,4 +1,5 @@
-"""Errors come back as JSON ``{"error": {"code", "message", "details"}}`` with a stable code."""
+"""Errors come back as JSON ``{"error": {"code", "message", "details"}}`` with a stable code
+(:class:`api.schemas.ErrorBody`), and each route declares the error statuses it can answer."""
 
 from __future__ import annotations
 
@@ -8,8 +9,26 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import compile_path
+from temporalio.service import RPCError, RPCStatusCode
 
+from api.schemas import ErrorBody, ErrorDetail, ErrorInfo
 from xpando.contracts import INVALID_TEXT
+from xpando.embedding_providers import EmbeddingUnavailable
+
+# What each error status means on this API, as the OpenAPI document describes it.
+ERROR_DESCRIPTIONS = {
+    400: "Bad request: a body that cannot be read, or a malformed header",
+    401: "The signature does not verify, or its timestamp is stale",
+    403: "The request is signed by another key than the node's",
+    404: "Not found",
+    409: "Conflicts with the current state",
+    422: "Invalid request: a field, parameter or body is out of its bounds",
+    503: "A backing service (Temporal, an embedder) is unavailable; retry later",
+}
+
+# Temporal answers these when it cannot be reached or does not answer in time.
+TEMPORAL_DOWN = frozenset({RPCStatusCode.UNAVAILABLE, RPCStatusCode.DEADLINE_EXCEEDED})
 
 
 class ApiError(Exception):
@@ -23,8 +42,28 @@ class ApiError(Exception):
         self.details = details or []
 
 
+def responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """The ``responses=`` of a route: each error status with the error model."""
+    return {s: {"model": ErrorBody, "description": ERROR_DESCRIPTIONS[s]} for s in statuses}
+
+
+def _allowed(app: FastAPI, path: str) -> str:
+    """Every method the API serves at ``path``. Starlette's own 405 names only the methods of the
+    first route whose path matched (``GET`` for ``/v1/nodes``, which also takes ``POST``)."""
+    methods: set[str] = set()
+    for template, operations in app.openapi().get("paths", {}).items():
+        if compile_path(template)[0].match(path):
+            methods |= {method.upper() for method in operations}
+    if "GET" in methods:
+        methods.add("HEAD")  # Starlette answers HEAD wherever it answers GET
+    return ", ".join(sorted(methods))
+
+
 def _body(code: str, message: str, details: list[dict[str, Any]] | None = None) -> dict[str, Any]:
-    return {"error": {"code": code, "message": message, "details": details or []}}
+    info = ErrorInfo(
+        code=code, message=message, details=[ErrorDetail.model_validate(d) for d in details or []]
+    )
+    return ErrorBody(error=info).model_dump()
 
 
 def install(app: FastAPI) -> None:
@@ -51,6 +90,26 @@ def install(app: FastAPI) -> None:
         return JSONResponse(_body(code, f"invalid request: {summary}", details), status_code=422)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-        return JSONResponse(_body(code, str(exc.detail)), status_code=exc.status_code)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = {400: "bad_request", 404: "not_found", 405: "method_not_allowed"}.get(
+            exc.status_code, "http_error"
+        )
+        headers = dict(exc.headers or {})
+        if exc.status_code == 405:
+            headers["Allow"] = _allowed(app, request.url.path) or headers.get("Allow", "")
+        return JSONResponse(
+            _body(code, str(exc.detail)), status_code=exc.status_code, headers=headers
+        )
+
+    @app.exception_handler(RPCError)
+    async def _temporal(_: Request, exc: RPCError) -> JSONResponse:
+        if exc.status not in TEMPORAL_DOWN:
+            raise exc  # a bug, not an outage: the server error it is
+        return JSONResponse(
+            _body("temporal_unavailable", f"Temporal is unavailable ({exc.message}); retry later"),
+            status_code=503,
+        )
+
+    @app.exception_handler(EmbeddingUnavailable)
+    async def _embedder(_: Request, exc: EmbeddingUnavailable) -> JSONResponse:
+        return JSONResponse(_body("embedding_unavailable", str(exc)), status_code=503)

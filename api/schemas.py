@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -13,6 +13,7 @@ from pydantic import (
     StringConstraints,
     computed_field,
 )
+from pydantic_core import PydanticCustomError
 
 from xpando.contracts import (
     AggregationStrategy,
@@ -20,9 +21,12 @@ from xpando.contracts import (
     CleanText,
     Contribution,
     KnowledgeReuse,
+    NodeAction,
     NodeDomain,
+    NodeProfile,
     Provenance,
     RoutingReport,
+    SignedNodeRequest,
     refuse_unsafe_text,
 )
 from xpando.contracts_payouts import ApproveInput, PayoutSagaResult
@@ -30,6 +34,9 @@ from xpando.contracts_payouts import ApproveInput, PayoutSagaResult
 PROMPT_MAX_CHARS = 8000
 K_MIN, K_MAX = 1, 9
 ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"
+# Text that is refused when blank: it is stripped before the limits apply, and the pattern tells
+# clients so (at least one character that is not whitespace).
+NOT_BLANK = r"\S"
 
 # The text check comes after the constraints here so that the pattern stays in the OpenAPI
 # schema; it still runs first (a before-validator), so a control character is ``invalid_text``.
@@ -45,16 +52,33 @@ Domain = Annotated[
 ]
 
 
+def _json_number(value: Any) -> Any:
+    """A JSON number, as the schema says: pydantic would otherwise read ``"3"`` or ``true`` as
+    one. An integral float such as ``3.0`` stays accepted where an integer belongs (JSON Schema
+    counts it as one)."""
+    if isinstance(value, str | bool):
+        raise PydanticCustomError("number_type", "Input should be a JSON number")
+    return value
+
+
+ExpertCount = Annotated[int, Field(ge=K_MIN, le=K_MAX), BeforeValidator(_json_number)]
+DeadlineS = Annotated[float, Field(gt=0, le=600), BeforeValidator(_json_number)]
+
+
 class TaskCreate(BaseModel):
+    # Numbers and flags take JSON's own types only ("3", true or 0 are refused where a number or a
+    # boolean belongs, not converted).
     model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
 
     prompt: CleanText = Field(
         min_length=1,
         max_length=PROMPT_MAX_CHARS,
+        pattern=NOT_BLANK,
         description="The question or task for the experts",
     )
-    k: int | None = Field(
-        None, ge=K_MIN, le=K_MAX, description="How many experts to ask (default: XPANDO_DEFAULT_K)"
+    k: ExpertCount | None = Field(
+        None,
+        description="How many experts to ask (default: XPANDO_DEFAULT_K)",
     )
     domain: Domain | None = None
     regions: list[Region] = Field(
@@ -63,18 +87,16 @@ class TaskCreate(BaseModel):
     strategy: AggregationStrategy | None = Field(
         None, description="synthesize, consensus or best (default: XPANDO_AGGREGATION_STRATEGY)"
     )
-    fresh: bool = Field(False, description="Ask the experts even if stored knowledge matches")
-    quorum: int | None = Field(
+    fresh: bool = Field(
+        False, strict=True, description="Ask the experts even if stored knowledge matches"
+    )
+    quorum: ExpertCount | None = Field(
         None,
-        ge=K_MIN,
-        le=K_MAX,
         description="Go on once this many experts answered; the rest are cancelled "
         "(default XPANDO_TASK_QUORUM; at most k)",
     )
-    deadline_s: float | None = Field(
+    deadline_s: DeadlineS | None = Field(
         None,
-        gt=0,
-        le=600,
         description="After this, go on with the answers there are (default XPANDO_TASK_DEADLINE_S)",
     )
 
@@ -147,6 +169,18 @@ class NodeView(BaseModel):
     price_output_per_mtok: float = 0.0
 
 
+# The two bodies a signed node request takes over HTTP: the same signed message, narrowed so the
+# OpenAPI document says which action each route takes and that a registration carries a profile.
+class RegisterNodeBody(SignedNodeRequest):
+    action: Literal[NodeAction.REGISTER]
+    profile: NodeProfile
+
+
+class DeregisterNodeBody(SignedNodeRequest):
+    action: Literal[NodeAction.DEREGISTER]
+    profile: None = None
+
+
 class NodeRegistered(BaseModel):
     node_id: str
     status: str = Field(description="active (registered or updated) or deregistered")
@@ -160,10 +194,38 @@ class NodeList(BaseModel):
     count: int
 
 
+class ErrorDetail(BaseModel):
+    field: str = Field(description="Where in the request, e.g. ``prompt`` or ``query.limit``")
+    code: str = Field(description="What is wrong with it, e.g. ``string_too_long``")
+    message: str
+
+
+class ErrorInfo(BaseModel):
+    code: str = Field(description="Stable, for programs: e.g. ``task_not_found``")
+    message: str = Field(description="For people: what went wrong and what to do")
+    details: list[ErrorDetail] = Field(default_factory=list)
+
+
+class ErrorBody(BaseModel):
+    """Every error response: ``{"error": {"code", "message", "details"}}``."""
+
+    error: ErrorInfo
+
+
 class Health(BaseModel):
-    status: str
-    temporal: str
-    database: str
+    status: str = Field(description="ok or unhealthy")
+    temporal: str = Field(description="ok, or error: what went wrong")
+    database: str = Field(description="ok, or error: what went wrong")
+
+
+class Readiness(BaseModel):
+    status: str = Field(description="ready or not_ready")
+    missing: list[str] = Field(
+        description="What is not there yet: temporal, database and/or experts (empty when ready)"
+    )
+    temporal: str = Field(description="ok, or error: what went wrong")
+    database: str = Field(description="ok, or error: what went wrong")
+    experts: str = Field(description="ok (a registered expert node is live), or what is missing")
 
 
 class KnowledgeView(BaseModel):
@@ -263,6 +325,10 @@ class SettleAccepted(BaseModel):
 # is refused here rather than recorded.
 class ApproveBody(ApproveInput):
     model_config = ConfigDict(str_strip_whitespace=True)
+
+    approver: str = Field(
+        min_length=1, max_length=64, pattern=NOT_BLANK, description="Who approves the payouts"
+    )
 
 
 class PendingEarnings(BaseModel):

@@ -41,7 +41,10 @@ def _error(resp: httpx.Response) -> dict[str, Any]:
         ({"prompt": "hello", "temperature": 2}, "temperature", "extra_forbidden"),
         ({"prompt": "hello", "k": 0}, "k", "greater_than_equal"),
         ({"prompt": "hello", "k": 10}, "k", "less_than_equal"),
-        ({"prompt": "hello", "k": "three"}, "k", "int_parsing"),
+        ({"prompt": "hello", "k": "three"}, "k", "number_type"),
+        ({"prompt": "hello", "k": "3"}, "k", "number_type"),
+        ({"prompt": "hello", "k": 2.5}, "k", "int_from_float"),
+        ({"prompt": "hello", "fresh": 0}, "fresh", "bool_type"),
         ({"prompt": "hello", "regions": ["EU West!"]}, "regions.0", "string_pattern_mismatch"),
         ({}, "prompt", "missing"),
     ],
@@ -92,6 +95,7 @@ async def test_healthz_is_503_naming_the_database_when_it_is_unreachable(
             transport = httpx.ASGITransport(app=app)
             async with httpx.AsyncClient(transport=transport, base_url="http://t") as http:
                 resp = await http.get("/healthz")
+                ready = await http.get("/readyz")
         finally:
             await app.state.engine.dispose()
             app.state.engine = good
@@ -99,6 +103,63 @@ async def test_healthz_is_503_naming_the_database_when_it_is_unreachable(
     body = resp.json()
     assert body["status"] == "unhealthy" and body["temporal"] == "ok"
     assert body["database"].startswith("error:")
+    assert ready.status_code == 503
+    assert ready.json()["missing"] == ["database", "experts"]
+
+
+async def test_readyz_is_ready_only_while_an_expert_is_live(
+    api: httpx.AsyncClient,
+    client: Client,
+    settings: Settings,
+    sessions: SessionFactory,
+    corpus_dir: Path,
+) -> None:
+    before = await api.get("/readyz")
+    assert before.status_code == 503
+    body = before.json()
+    assert body["status"] == "not_ready" and body["missing"] == ["experts"]
+    assert body["temporal"] == "ok" and body["database"] == "ok"
+    assert "no expert node is registered" in body["experts"]
+    # Liveness does not wait for experts: the process is fine, it just has no one to ask.
+    assert (await api.get("/healthz")).status_code == 200
+
+    async with offline_network(client, settings, sessions, corpus_dir, [("cooking", "eu-west")]):
+        ready = await api.get("/readyz")
+        assert ready.status_code == 200, ready.json()
+        assert ready.json() == {
+            "status": "ready",
+            "missing": [],
+            "temporal": "ok",
+            "database": "ok",
+            "experts": "ok",
+        }
+
+    # The only node stopped: registered still, but no longer polling its queue.
+    async def not_ready() -> bool:
+        return (await api.get("/readyz")).status_code == 503
+
+    await wait_for(not_ready, timeout=30, every=0.5)
+    assert "none of the 1 registered expert nodes" in (await api.get("/readyz")).json()["experts"]
+
+
+async def test_405_names_every_method_of_the_path(api: httpx.AsyncClient) -> None:
+    resp = await api.request("PUT", "/v1/nodes")
+    assert resp.status_code == 405 and _error(resp)["code"] == "method_not_allowed"
+    assert set(resp.headers["Allow"].split(", ")) == {"GET", "HEAD", "POST"}
+
+
+async def test_epoch_numbers_are_bounded(api: httpx.AsyncClient) -> None:
+    # Past the last second a datetime holds: refused by the path's bound, not a 500.
+    resp = await api.post(f"/v1/payouts/epochs/{2**40}/settle")
+    assert resp.status_code == 422 and _error(resp)["code"] == "validation_error"
+    # Within the bound but ending after the year 9999 with hourly epochs: not ended, said so.
+    resp = await api.post("/v1/payouts/epochs/253402300798/settle")
+    assert resp.status_code == 409 and "after the year 9999" in _error(resp)["message"]
+
+
+async def test_the_smallest_positive_deadline_is_accepted(api: httpx.AsyncClient) -> None:
+    resp = await api.post("/v1/tasks", json={"prompt": "hello", "deadline_s": 5e-324})
+    assert resp.status_code == 202, resp.json()
 
 
 async def test_submit_poll_and_idempotency_over_http(

@@ -123,8 +123,22 @@ def sign_request(
 
 
 def verify_request(request: SignedNodeRequest, *, now: float, max_skew_s: float) -> None:
-    """Check the request's shape, signature and timestamp (no database); raise
-    :class:`RegistrationRejected` on the first failure. Nonces are checked by the caller."""
+    """Check the request's signature, shape and timestamp (no database); raise
+    :class:`RegistrationRejected` on the first failure. Nonces are checked by the caller.
+    The signature comes first: an unsigned caller learns nothing about what else is wrong."""
+    try:
+        public_key = Pubkey.from_string(request.public_key)
+        signature = Signature.from_string(request.signature)
+    except ValueError as err:
+        raise RegistrationRejected(
+            "invalid_signature", f"malformed public key or signature: {err}"
+        ) from err
+    if not signature.verify(public_key, signing_message(request)):
+        raise RegistrationRejected(
+            "invalid_signature",
+            f"the signature does not verify under {request.public_key} "
+            "(signed message: b'xpando/node-registration/v1\\n' + canonical JSON)",
+        )
     if request.action == NodeAction.REGISTER:
         if request.profile is None:
             raise RegistrationRejected(
@@ -139,19 +153,6 @@ def verify_request(request: SignedNodeRequest, *, now: float, max_skew_s: float)
     elif request.profile is not None:
         raise RegistrationRejected(
             "invalid_registration", "a deregister request carries no profile"
-        )
-    try:
-        public_key = Pubkey.from_string(request.public_key)
-        signature = Signature.from_string(request.signature)
-    except ValueError as err:
-        raise RegistrationRejected(
-            "invalid_signature", f"malformed public key or signature: {err}"
-        ) from err
-    if not signature.verify(public_key, signing_message(request)):
-        raise RegistrationRejected(
-            "invalid_signature",
-            f"the signature does not verify under {request.public_key} "
-            "(signed message: b'xpando/node-registration/v1\\n' + canonical JSON)",
         )
     skew = now - request.timestamp
     if abs(skew) > max_skew_s:

@@ -10,7 +10,7 @@ from pydantic import BeforeValidator
 from temporalio.service import RPCError, RPCStatusCode
 
 from api.deps import SessionDep, SettingsDep, TemporalClientDep
-from api.errors import ApiError
+from api.errors import ApiError, responses
 from api.schemas import ID_PATTERN, KnowledgeList, KnowledgeView
 from workflows.knowledge import KnowledgeWorkflow
 from xpando.contracts import KnowledgeStats, Provenance, refuse_unsafe_text
@@ -50,7 +50,7 @@ def _view(item: Knowledge, index: KnowledgeIndex, similarity: float | None = Non
     )
 
 
-@router.get("", response_model=KnowledgeList)
+@router.get("", response_model=KnowledgeList, responses=responses(422, 503))
 async def search_knowledge(
     request: Request,
     session: SessionDep,
@@ -73,7 +73,9 @@ async def search_knowledge(
     return KnowledgeList(items=items, count=len(items))
 
 
-@router.get("/domains/{domain}/stats", response_model=KnowledgeStats)
+@router.get(
+    "/domains/{domain}/stats", response_model=KnowledgeStats, responses=responses(404, 422, 503)
+)
 async def knowledge_stats(
     domain: Annotated[str, Path(pattern=r"^[a-z0-9-]{1,64}$")],
     client: TemporalClientDep,
@@ -91,7 +93,7 @@ async def knowledge_stats(
         raise
 
 
-@router.get("/{knowledge_id}", response_model=KnowledgeView)
+@router.get("/{knowledge_id}", response_model=KnowledgeView, responses=responses(404, 422))
 async def get_knowledge(
     request: Request,
     session: SessionDep,

@@ -5,25 +5,35 @@ registration, profile updates and deregistration (``xpando/identity.py``)."""
 from __future__ import annotations
 
 import asyncio
+import time
 from datetime import UTC, datetime
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Query, Response
+from fastapi import APIRouter, Path, Query, Response
 
 from api.deps import LivenessDep, RegistryDep, SessionDep, SettingsDep
-from api.errors import ApiError
-from api.schemas import NodeList, NodeRegistered, NodeView, Region
+from api.errors import ApiError, responses
+from api.schemas import (
+    DeregisterNodeBody,
+    NodeList,
+    NodeRegistered,
+    NodeView,
+    Region,
+    RegisterNodeBody,
+)
 from xpando.breakers import node_key, provider_key, view
-from xpando.contracts import NodeAction, NodeDomain, SignedNodeRequest
+from xpando.contracts import NodeDomain, SignedNodeRequest
 from xpando.db import queries
 from xpando.embedding_providers import EmbeddingUnavailable
-from xpando.identity import RegistrationRejected
+from xpando.identity import RegistrationRejected, verify_request
 from xpando.routing.registry import NodeRegistry, Registered
 
 router = APIRouter(prefix="/v1/nodes", tags=["nodes"])
 
+NODE_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"  # as SignedNodeRequest.node_id
 
-@router.get("", response_model=NodeList)
+
+@router.get("", response_model=NodeList, responses=responses(422, 503))
 async def list_nodes(
     session: SessionDep,
     liveness: LivenessDep,
@@ -78,17 +88,16 @@ async def list_nodes(
     "",
     response_model=NodeRegistered,
     status_code=201,
-    responses={200: {"model": NodeRegistered, "description": "An existing node, updated"}},
+    responses={
+        200: {"model": NodeRegistered, "description": "An existing node, updated"},
+        **responses(400, 401, 403, 409, 422, 503),
+    },
 )
 async def register_node(
-    request: SignedNodeRequest, registry: RegistryDep, response: Response
+    request: RegisterNodeBody, registry: RegistryDep, response: Response
 ) -> NodeRegistered:
     """Register a node, or update its profile: a request signed by the node's identity key
     (``action: "register"``). 201 when the node is new, 200 when it was updated."""
-    if request.action != NodeAction.REGISTER:
-        raise ApiError(
-            422, "invalid_registration", "POST registers; deregister with DELETE /v1/nodes/{id}"
-        )
     done = await _apply(registry, request)
     response.status_code = 201 if done.created else 200
     return NodeRegistered(
@@ -100,13 +109,25 @@ async def register_node(
     )
 
 
-@router.delete("/{node_id}", response_model=NodeRegistered)
+@router.delete(
+    "/{node_id}",
+    response_model=NodeRegistered,
+    responses=responses(400, 401, 403, 404, 409, 422, 503),
+)
 async def deregister_node(
-    node_id: str, request: SignedNodeRequest, registry: RegistryDep
+    node_id: Annotated[str, Path(min_length=1, max_length=64, pattern=NODE_ID_PATTERN)],
+    request: DeregisterNodeBody,
+    registry: RegistryDep,
+    settings: SettingsDep,
 ) -> NodeRegistered:
     """Take a node out of the network: a request signed by its key, ``action: "deregister"``.
     The node is no longer routed to; registering again (same key) brings it back."""
-    if request.action != NodeAction.DEREGISTER or request.node_id != node_id:
+    if request.node_id != node_id:
+        # As in the registry, the signature is checked first: an unsigned caller is a 401.
+        try:
+            verify_request(request, now=time.time(), max_skew_s=settings.node_signature_max_skew_s)
+        except RegistrationRejected as err:
+            raise ApiError(err.status, err.code, err.message) from err
         raise ApiError(
             422,
             "invalid_registration",

@@ -10,13 +10,14 @@ from temporalio.client import (
     WorkflowExecutionStatus,
     WorkflowHandle,
     WorkflowUpdateFailedError,
+    WorkflowUpdateRPCTimeoutOrCancelledError,
 )
 from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
 from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
 
 from api.deps import SessionDep, SettingsDep, TemporalClientDep
-from api.errors import ApiError
+from api.errors import ApiError, responses
 from api.schemas import (
     ApproveBody,
     EarningsView,
@@ -44,8 +45,15 @@ router = APIRouter(prefix="/v1/payouts", tags=["payouts"])
 earnings_router = APIRouter(prefix="/v1/nodes", tags=["nodes"])
 log = get_logger(__name__)
 
-MAX_EPOCH = 2**40
+# The last second a datetime holds (9999-12-31T23:59:59Z). The epoch path's bound is the last
+# epoch that ends by then at the shortest epoch length (1 s): a larger number is a 422 whatever
+# XPANDO_PAYOUT_EPOCH_S is; with longer epochs the ones in between are in the future (409).
+LAST_TIMESTAMP = int(datetime(9999, 12, 31, 23, 59, 59, tzinfo=UTC).timestamp())
+MAX_EPOCH = LAST_TIMESTAMP - 1
 QUERY_TIMEOUT = timedelta(seconds=2)
+# Approval is an update the saga's core worker must accept; with none polling, Temporal would
+# hold the request indefinitely.
+UPDATE_TIMEOUT = timedelta(seconds=10)
 EpochPath = Annotated[int, Path(ge=0, le=MAX_EPOCH, description="Epoch number")]
 NodeIdPath = Annotated[
     str,
@@ -92,7 +100,7 @@ def _utc(value: datetime | None) -> datetime | None:
     return None if value is None else ledger.utc(value)
 
 
-@router.get("", response_model=PayoutList)
+@router.get("", response_model=PayoutList, responses=responses(422))
 async def list_payouts(
     session: SessionDep,
     node: Annotated[
@@ -110,7 +118,7 @@ async def list_payouts(
     return PayoutList(payouts=[_view(p) for p in rows], count=len(rows), total=total)
 
 
-@router.get("/epochs/{epoch}", response_model=EpochView)
+@router.get("/epochs/{epoch}", response_model=EpochView, responses=responses(404, 422, 503))
 async def get_epoch(
     epoch: EpochPath, session: SessionDep, client: TemporalClientDep, settings: SettingsDep
 ) -> EpochView:
@@ -153,7 +161,15 @@ async def get_epoch(
     )
 
 
-@router.post("/epochs/{epoch}/settle", status_code=202, response_model=SettleAccepted)
+@router.post(
+    "/epochs/{epoch}/settle",
+    status_code=202,
+    response_model=SettleAccepted,
+    responses={
+        200: {"model": SettleAccepted, "description": "The epoch's saga has already completed"},
+        **responses(409, 422, 503),
+    },
+)
 async def settle_epoch(
     epoch: EpochPath, response: Response, client: TemporalClientDep, settings: SettingsDep
 ) -> SettleAccepted:
@@ -162,11 +178,13 @@ async def settle_epoch(
     current = rewards.epoch_of(datetime.now(UTC).timestamp(), settings.payout_epoch_s)
     if epoch >= current:
         _, end = rewards.epoch_bounds(epoch, settings.payout_epoch_s)
+        ends = (
+            f"at {datetime.fromtimestamp(end, UTC).isoformat()}"
+            if end <= LAST_TIMESTAMP
+            else "after the year 9999"
+        )
         raise ApiError(
-            409,
-            "epoch_not_ended",
-            f"epoch {epoch} ends at {datetime.fromtimestamp(end, UTC).isoformat()}; "
-            f"the current epoch is {current}",
+            409, "epoch_not_ended", f"epoch {epoch} ends {ends}; the current epoch is {current}"
         )
     workflow_id = epoch_workflow_id(epoch)
     handle: WorkflowHandle[PayoutSagaWorkflow, PayoutSagaResult]
@@ -201,14 +219,27 @@ async def settle_epoch(
     )
 
 
-@router.post("/epochs/{epoch}/approve", response_model=ApproveResult)
+@router.post(
+    "/epochs/{epoch}/approve",
+    response_model=ApproveResult,
+    responses=responses(400, 404, 409, 422, 503),
+)
 async def approve_epoch(
     epoch: EpochPath, body: ApproveBody, client: TemporalClientDep
 ) -> ApproveResult:
     """Approve an epoch whose total is above the approval threshold (a workflow update)."""
     handle = client.get_workflow_handle_for(PayoutSagaWorkflow.run, epoch_workflow_id(epoch))
     try:
-        result = await handle.execute_update(PayoutSagaWorkflow.approve, body)
+        result = await handle.execute_update(
+            PayoutSagaWorkflow.approve, body, rpc_timeout=UPDATE_TIMEOUT
+        )
+    except WorkflowUpdateRPCTimeoutOrCancelledError as err:
+        raise ApiError(
+            503,
+            "core_unavailable",
+            f"no core worker took the approval of epoch {epoch} within "
+            f"{UPDATE_TIMEOUT.total_seconds():g}s; retry when the core worker runs",
+        ) from err
     except WorkflowUpdateFailedError as err:
         cause = err.cause
         raise ApiError(
@@ -228,7 +259,9 @@ async def approve_epoch(
     return result
 
 
-@earnings_router.get("/{node_id}/earnings", response_model=EarningsView)
+@earnings_router.get(
+    "/{node_id}/earnings", response_model=EarningsView, responses=responses(404, 422)
+)
 async def node_earnings(
     node_id: NodeIdPath,
     session: SessionDep,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import re
 import uuid
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Annotated
 
 from fastapi import APIRouter, Header, Path, Response
@@ -15,7 +15,7 @@ from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
 
 from api.deps import SessionDep, SettingsDep, TemporalClientDep
-from api.errors import ApiError
+from api.errors import ApiError, responses
 from api.schemas import ID_PATTERN, Links, TaskAccepted, TaskCreate, TaskView
 from workflows.task import TaskWorkflow
 from xpando import temporal as sa
@@ -28,6 +28,9 @@ router = APIRouter(prefix="/v1/tasks", tags=["tasks"])
 log = get_logger(__name__)
 
 IDEMPOTENCY_KEY = re.compile(r"^[A-Za-z0-9._:-]{1,100}$")
+# A running task's progress comes from a query its core worker answers: with no core worker,
+# Temporal would hold the request for its own query timeout (30 s).
+QUERY_TIMEOUT = timedelta(seconds=2)
 TaskIdPath = Annotated[str, Path(pattern=ID_PATTERN, description="The task id (workflow id)")]
 
 
@@ -37,13 +40,23 @@ def _links(settings: Settings, task_id: str) -> Links:
     )
 
 
-@router.post("", status_code=202, response_model=TaskAccepted)
+@router.post(
+    "", status_code=202, response_model=TaskAccepted, responses=responses(400, 409, 422, 503)
+)
 async def submit_task(
     body: TaskCreate,
     response: Response,
     client: TemporalClientDep,
     settings: SettingsDep,
-    idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None,
+    idempotency_key: Annotated[
+        str | None,
+        Header(
+            alias="Idempotency-Key",
+            description="Repeat a request safely: the same key and body give the same task",
+            # Documented here, checked below: a bad key is a 400 invalid_idempotency_key.
+            json_schema_extra={"pattern": IDEMPOTENCY_KEY.pattern},
+        ),
+    ] = None,
 ) -> TaskAccepted:
     """Start a task. With an ``Idempotency-Key`` header, repeating the request returns the same
     task instead of starting a second one; reusing the key for a different request is a 409."""
@@ -82,7 +95,8 @@ async def submit_task(
         strategy=strategy,
         fresh=body.fresh,
         quorum=min(quorum, k) if quorum else None,
-        deadline_ms=int(deadline_s * 1000) if deadline_s else None,
+        # At least the 1 ms a TaskInput takes: deadline_s may be any positive number.
+        deadline_ms=max(1, round(deadline_s * 1000)) if deadline_s else None,
         wait_for_experts_s=settings.task_wait_for_experts_s,
     )
     try:
@@ -114,7 +128,7 @@ async def submit_task(
     return TaskAccepted(task_id=task_id, links=_links(settings, task_id))
 
 
-@router.get("/{task_id}", response_model=TaskView)
+@router.get("/{task_id}", response_model=TaskView, responses=responses(404, 422, 503))
 async def get_task(
     task_id: TaskIdPath, client: TemporalClientDep, session: SessionDep, settings: SettingsDep
 ) -> TaskView:
@@ -134,7 +148,7 @@ async def get_task(
     status = (desc.status or WorkflowExecutionStatus.RUNNING).name.lower()
     if desc.status == WorkflowExecutionStatus.RUNNING:
         try:
-            progress = await handle.query(TaskWorkflow.progress)
+            progress = await handle.query(TaskWorkflow.progress, rpc_timeout=QUERY_TIMEOUT)
         except RPCError:
             # No core worker to answer the query right now; the task is still durable.
             return TaskView(task_id=task_id, status=status, stage=None, links=links)
