@@ -217,7 +217,9 @@ class Supervisor:
             )
 
     def wait_ready(self) -> bool:
-        url = f"http://{self.settings.api_host}:{self.settings.api_port}/healthz"
+        """Until the API says it is ready (Temporal, the database and a live expert: /readyz)
+        and every dev node is live, so the banner's node list is true when it is printed."""
+        url = f"http://{self.settings.api_host}:{self.settings.api_port}/readyz"
         deadline = time.monotonic() + READY_TIMEOUT_S
         while time.monotonic() < deadline and not self._stopping:
             dead = [c for c in self.children if not c.running()]
@@ -244,7 +246,7 @@ class Supervisor:
         return "\n".join(
             [
                 "",
-                "xpando is running",
+                "xpando is ready",
                 f"  API            http://{s.api_host}:{s.api_port}   (docs: /docs)",
                 f"  Temporal UI    {s.temporal_ui_base}",
                 f"  Temporal gRPC  {s.temporal_target}  namespace {s.temporal_namespace}",

@@ -52,7 +52,9 @@ def _alive(pid: int) -> bool:
 def dev_network(
     data_dir: Path, env: dict[str, str]
 ) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
-    log = (data_dir.parent / "dev.log").open("ab")
+    log_path = data_dir.parent / "dev.log"
+    log = log_path.open("ab")
+    start = log.tell()  # a second start appends to the same log
     proc = subprocess.Popen(
         [sys.executable, "-m", "cli", "dev"],
         env=env,
@@ -62,18 +64,16 @@ def dev_network(
     )
     base = f"http://127.0.0.1:{env['XPANDO_API_PORT']}"
     try:
+        # What a script waits on: the "ready" line; from then on /readyz answers 200.
         deadline = time.monotonic() + READY_S
-        while True:
-            assert proc.poll() is None, (data_dir.parent / "dev.log").read_text()[-4000:]
-            try:
-                if httpx.get(f"{base}/healthz", timeout=2).status_code == 200:
-                    nodes = httpx.get(f"{base}/v1/nodes", timeout=5).json()["nodes"]
-                    if len(nodes) == int(env["XPANDO_DEV_NODES"]) and all(n["live"] for n in nodes):
-                        break
-            except httpx.HTTPError:
-                pass
+        while b"xpando is ready" not in log_path.read_bytes()[start:]:
+            assert proc.poll() is None, log_path.read_text()[-4000:]
             assert time.monotonic() < deadline, "xpando dev did not become ready"
-            time.sleep(0.5)
+            time.sleep(0.2)
+        ready = httpx.get(f"{base}/readyz", timeout=5)
+        assert ready.status_code == 200, ready.text
+        nodes = httpx.get(f"{base}/v1/nodes", timeout=5).json()["nodes"]
+        assert len(nodes) == int(env["XPANDO_DEV_NODES"]) and all(n["live"] for n in nodes)
         yield proc, base
     finally:
         if proc.poll() is None:

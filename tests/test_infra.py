@@ -66,3 +66,18 @@ def test_each_region_is_its_own_deployment_with_keyed_nodes(region: str) -> None
         assert secret == {"name": "xpando-node-keys", "key": node_id}
         keys.append(node_id)
     assert len(set(keys)) == len(keys)
+
+
+@pytest.mark.parametrize("region", REGIONS)
+def test_the_api_is_restarted_on_liveness_and_routed_to_on_readiness(region: str) -> None:
+    api = next(
+        d
+        for d in _render(region)
+        if d["kind"] == "Deployment"
+        and d["metadata"]["labels"].get("app.kubernetes.io/component") == "api"
+    )
+    container = api["spec"]["template"]["spec"]["containers"][0]
+    # A pod without a live expert behind it gets no traffic, but is not restarted for it.
+    assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert container["startupProbe"]["httpGet"]["path"] == "/healthz"
