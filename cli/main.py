@@ -7,10 +7,15 @@ import asyncio
 import json
 import os
 import sys
+import time
+import traceback
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from datetime import timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
+
+from pydantic import ValidationError
 
 from xpando.logs import configure_logging
 from xpando.settings import Settings
@@ -19,9 +24,58 @@ if TYPE_CHECKING:
     from pydantic import ValidationError
     from temporalio.client import Client
 
+# Exit statuses: one per kind of failure, so a script can tell them apart.
+EXIT_OK = 0
+EXIT_TASK_FAILED = 1  # the task ran and failed (task get, task submit --wait)
+EXIT_USAGE = 2  # bad arguments, settings or configuration
+EXIT_NOT_FOUND = 3  # no such task
+EXIT_UNREACHABLE = 4  # Temporal, the database or a core worker did not answer
+EXIT_REFUSED = 5  # the network refused the request (a node's registration)
+EXIT_INTERNAL = 70  # a bug: the message names it; --debug shows the traceback
+EXIT_INTERRUPTED = 130  # Ctrl-C
+
+EXIT_STATUSES = f"""\
+exit status:
+  {EXIT_OK}    success
+  {EXIT_TASK_FAILED}    the task failed (task get, task submit --wait)
+  {EXIT_USAGE}    bad arguments, settings or configuration
+  {EXIT_NOT_FOUND}    not found (no such task)
+  {EXIT_UNREACHABLE}    unreachable: Temporal, the database or a core worker did not answer
+  {EXIT_REFUSED}    refused: the network refused the node's registration
+  {EXIT_INTERNAL}   internal error (a bug; run with --debug for the traceback)
+  {EXIT_INTERRUPTED}  interrupted (Ctrl-C)
+
+Every failure is one line on stderr naming the reason and what to do; --debug adds the
+traceback."""
+
+# A running task's progress is a query its core worker answers.
+QUERY_TIMEOUT = timedelta(seconds=5)
+PROGRESS_EVERY_S = 1.0
+
+
+class CliError(Exception):
+    """An expected failure: printed as one line, ended with its exit status."""
+
+    def __init__(self, message: str, *, status: int = EXIT_USAGE) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class _Parser(argparse.ArgumentParser):
+    """Bad arguments are one line too (``--help`` shows the usage)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}; see '{self.prog} --help'\n")
+
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="xpando", description=__doc__)
+    p = _Parser(
+        prog="xpando",
+        description=__doc__,
+        epilog=EXIT_STATUSES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--debug", action="store_true", help="show the traceback of a failure")
     sub = p.add_subparsers(dest="command", required=True)
 
     sub.add_parser("dev", help="run the whole network locally (Temporal, workers, API)")
@@ -114,16 +168,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    settings = Settings()
-    component = args.command if args.command != "worker" else f"worker-{args.kind}"
-    configure_logging(settings, component=component)
-    try:
-        code = _dispatch(args, settings)
-    except KeyboardInterrupt:
-        code = 130
-    except CliError as err:
-        print(f"xpando: error: {err}", file=sys.stderr)
-        code = 2
+    code = _run(args)
     if args.command in _SHORT_TEMPORAL_COMMANDS and argv is None:
         # The Temporal client's Rust runtime threads can touch the interpreter while it
         # finalizes and abort the process (seen intermittently after a failed connect:
@@ -138,8 +183,77 @@ def main(argv: Sequence[str] | None = None) -> int:
 _SHORT_TEMPORAL_COMMANDS = frozenset({"task", "search-attributes", "chain", "db"})
 
 
-class CliError(Exception):
-    pass
+def _run(args: argparse.Namespace) -> int:
+    settings: Settings | None = None
+    try:
+        settings = _settings()
+        component = args.command if args.command != "worker" else f"worker-{args.kind}"
+        configure_logging(settings, component=component)
+        return _dispatch(args, settings)
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+    except Exception as err:
+        failure = _expected(err, settings)
+        if args.debug:
+            traceback.print_exc()
+        # One line, whatever the underlying message holds (the Rust client's errors span several).
+        print("xpando: error: " + " ".join(str(failure).split()), file=sys.stderr, flush=True)
+        return failure.status
+
+
+def _settings() -> Settings:
+    try:
+        return Settings()
+    except ValidationError as err:
+        first = err.errors()[0]
+        name = f"XPANDO_{str(first['loc'][0]).upper()}" if first["loc"] else "a setting"
+        raise CliError(
+            f"invalid setting {name}: {first['msg']}; fix it in the environment or .env"
+        ) from err
+
+
+def _expected(err: Exception, settings: Settings | None) -> CliError:
+    """The failure as the one line to print and its exit status; an unexpected one is a bug."""
+    from sqlalchemy.exc import InterfaceError, OperationalError
+    from temporalio.service import RPCError, RPCStatusCode
+
+    from workers.node import RegistrationRefused
+    from xpando.temporal import TemporalUnreachable
+
+    if isinstance(err, CliError):
+        return err
+    if isinstance(err, TemporalUnreachable):
+        return CliError(
+            f"{err}; start it (make run, or xpando dev) or set XPANDO_TEMPORAL_ADDRESS",
+            status=EXIT_UNREACHABLE,
+        )
+    if isinstance(err, RPCError) and err.status in (
+        RPCStatusCode.UNAVAILABLE,
+        RPCStatusCode.DEADLINE_EXCEEDED,
+    ):
+        where = f" at {settings.temporal_target}" if settings else ""
+        return CliError(
+            f"Temporal{where} did not answer ({err.message}); check that it is up and retry",
+            status=EXIT_UNREACHABLE,
+        )
+    # asyncpg raises the socket's own error when the database refuses the connection.
+    if isinstance(err, OperationalError | InterfaceError | ConnectionError):
+        where = f" at {_redact(settings.database_dsn)}" if settings else ""
+        return CliError(
+            f"cannot reach the database{where}: {err}; check XPANDO_DATABASE_URL and that the "
+            "database is up",
+            status=EXIT_UNREACHABLE,
+        )
+    if isinstance(err, RegistrationRefused):
+        return CliError(
+            f"{err} (the core worker refused it: start the node with its own key, "
+            "XPANDO_NODE_KEY or <data_dir>/keys/<node_id>.json, or under another --node-id)",
+            status=EXIT_REFUSED,
+        )
+    return CliError(
+        f"internal error: {type(err).__name__}: {err} (run with --debug for the traceback)",
+        status=EXIT_INTERNAL,
+    )
 
 
 def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
@@ -165,6 +279,9 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
 
         from api.main import create_app
 
+        # Inside uvicorn a failed start is a logged traceback; checked here it is one line.
+        asyncio.run(_preflight(settings))
+
         uvicorn.run(
             create_app(settings),
             host=settings.api_host,
@@ -188,8 +305,15 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
     raise CliError(f"unknown command {args.command}")
 
 
+async def _preflight(settings: Settings) -> None:
+    from xpando import temporal
+
+    await temporal.connect(settings, attempts=60)  # as the API's own start waits for it
+    await _db_init(settings)
+
+
 def _run_node(args: argparse.Namespace, settings: Settings) -> int:
-    from workers.node import NodeConfigError, NodeSpec, run_node_worker
+    from workers.node import NodeConfigError, NodeSpec, RegistrationRefused, run_node_worker
 
     node_id = args.node_id or settings.node_id
     if not node_id:
@@ -238,6 +362,8 @@ def _run_node(args: argparse.Namespace, settings: Settings) -> int:
     )
     try:
         asyncio.run(run_node_worker(settings, spec))
+    except RegistrationRefused:
+        raise
     except (NodeConfigError, ValueError) as err:
         raise CliError(str(err)) from err
     return 0
@@ -265,10 +391,24 @@ def _run_nodes(args: argparse.Namespace, settings: Settings) -> int:
         simulated_latency_ms=args.simulated_latency_ms,
     )
     try:
-        asyncio.run(run_fleet(settings, spec))
+        asyncio.run(run_fleet(settings, spec, progress=_counter("registered nodes")))
     except ValueError as err:
         raise CliError(str(err)) from err
     return 0
+
+
+def _counter(label: str) -> Callable[[int, int], None]:
+    """A progress line on stderr at most every PROGRESS_EVERY_S, and one at the end."""
+    shown = -float("inf")
+
+    def show(done: int, total: int) -> None:
+        nonlocal shown
+        now = time.monotonic()
+        if done == total or now - shown >= PROGRESS_EVERY_S:
+            shown = now
+            print(f"xpando: {label}: {done}/{total}", file=sys.stderr, flush=True)
+
+    return show
 
 
 def _csv(value: str | None) -> list[str]:
@@ -289,6 +429,14 @@ def _chain_init(settings: Settings) -> int:
     from xpando.chain import ChainError, init_chain
     from xpando.keys import KeyFileError
 
+    if settings.chain == "embedded":
+        step = (
+            f"opening the embedded chain in {(settings.data_dir / 'chain').resolve()} "
+            "(the first run creates the XPD mint and funds the treasury)"
+        )
+    else:
+        step = f"checking the XPD mint and the treasury on {settings.chain_rpc_url}"
+    print(f"xpando: chain init: {step} …", file=sys.stderr, flush=True)
     try:
         info = asyncio.run(init_chain(settings))
     except (ChainError, KeyFileError) as err:
@@ -317,6 +465,7 @@ async def _task(args: argparse.Namespace, settings: Settings) -> int:
     from pydantic import ValidationError
     from temporalio.client import WorkflowFailureError
     from temporalio.common import WorkflowIDConflictPolicy
+    from temporalio.service import RPCError, RPCStatusCode
 
     from workflows.task import TaskWorkflow
     from xpando import temporal
@@ -350,16 +499,36 @@ async def _task(args: argparse.Namespace, settings: Settings) -> int:
     client = await _connect(settings)
     if args.action == "get":
         handle = client.get_workflow_handle_for(TaskWorkflow.run, args.task_id)
-        desc = await handle.describe()
+        try:
+            desc = await handle.describe()
+        except RPCError as err:
+            if err.status != RPCStatusCode.NOT_FOUND:
+                raise
+            desc = None
+        if desc is None or desc.workflow_type != "TaskWorkflow":
+            raise CliError(
+                f"no task {args.task_id!r} in Temporal namespace {settings.temporal_namespace!r}; "
+                "list the tasks with: temporal workflow list --query "
+                "'WorkflowType=\"TaskWorkflow\"'",
+                status=EXIT_NOT_FOUND,
+            )
         if desc.status is not None and desc.status.name == "RUNNING":
-            progress = await handle.query(TaskWorkflow.progress)
+            try:
+                progress = await handle.query(TaskWorkflow.progress, rpc_timeout=QUERY_TIMEOUT)
+            except RPCError as err:
+                raise CliError(
+                    f"task {args.task_id!r} is running, but no core worker answered its progress "
+                    f"query within {QUERY_TIMEOUT.total_seconds():g}s ({err.message}); "
+                    "is a core worker (xpando worker core) running?",
+                    status=EXIT_UNREACHABLE,
+                ) from err
             print(progress.model_dump_json(indent=2))
             return 0
         try:
             print((await handle.result()).model_dump_json(indent=2))
         except WorkflowFailureError as err:
-            print(f"task failed: {err.cause}", file=sys.stderr)
-            return 1
+            print(f"xpando: task {args.task_id!r} failed: {err.cause}", file=sys.stderr)
+            return EXIT_TASK_FAILED
         return 0
 
     handle = await client.start_workflow(
@@ -375,8 +544,8 @@ async def _task(args: argparse.Namespace, settings: Settings) -> int:
         try:
             result = await handle.result()
         except WorkflowFailureError as err:
-            print(f"task failed: {err.cause}", file=sys.stderr)
-            return 1
+            print(f"xpando: task {task_id!r} failed: {err.cause}", file=sys.stderr)
+            return EXIT_TASK_FAILED
         print(result.model_dump_json(indent=2))
     return 0
 
@@ -391,10 +560,7 @@ def _invalid(err: ValidationError) -> str:
 async def _connect(settings: Settings) -> Client:
     from xpando import temporal
 
-    try:
-        return await temporal.connect(settings)
-    except RuntimeError as err:
-        raise CliError(f"cannot reach Temporal at {settings.temporal_target}: {err}") from err
+    return await temporal.connect(settings)  # TemporalUnreachable: one line, EXIT_UNREACHABLE
 
 
 def _redact(dsn: str) -> str:

@@ -53,6 +53,10 @@ class NodeConfigError(ValueError):
     """A node cannot start with the configuration it was given (shown to the operator)."""
 
 
+class RegistrationRefused(NodeConfigError):
+    """The network refused the node's signed registration (key mismatch, bad signature, …)."""
+
+
 @dataclass(frozen=True)
 class NodeSpec:
     node_id: str
@@ -292,7 +296,8 @@ async def run_node_worker(settings: Settings, spec: NodeSpec) -> None:
         except WorkflowFailureError as err:
             # Refused (bad signature, key mismatch, …): a node nobody can route to stops.
             rejected.append(f"registration refused: {err.cause}")
-            log.error("registration refused", node_id=profile.node_id, error=str(err.cause))
+            # A warning: the process ends with this reason as its error (``xpando`` prints it).
+            log.warning("registration refused", node_id=profile.node_id, error=str(err.cause))
             await worker.shutdown()
             return
         log.info(
@@ -319,4 +324,4 @@ async def run_node_worker(settings: Settings, spec: NodeSpec) -> None:
         registration.cancel()
         log.info("node worker stopped", node_id=profile.node_id)
     if rejected:
-        raise NodeConfigError(f"node {profile.node_id!r}: {rejected[0]}")
+        raise RegistrationRefused(f"node {profile.node_id!r}: {rejected[0]}")

@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -154,13 +154,20 @@ def fleet_worker(
 
 
 async def register_fleet(
-    client: Client, nodes: Sequence[FleetNode], *, core_task_queue: str
+    client: Client,
+    nodes: Sequence[FleetNode],
+    *,
+    core_task_queue: str,
+    progress: Callable[[int, int], None] | None = None,
 ) -> list[str]:
-    """Register every node (signed, through the core), a few at a time; returns the refused."""
+    """Register every node (signed, through the core), a few at a time; returns the refused.
+    ``progress(done, total)`` is called after each node, registered or refused."""
     gate = asyncio.Semaphore(REGISTER_CONCURRENCY)
     refused: list[str] = []
+    done = 0
 
     async def one(node: FleetNode) -> None:
+        nonlocal done
         async with gate:
             try:
                 await register(
@@ -168,6 +175,9 @@ async def register_fleet(
                 )
             except WorkflowFailureError as err:
                 refused.append(f"{node.profile.node_id}: {err.cause}")
+            done += 1
+            if progress is not None:
+                progress(done, len(nodes))
 
     await asyncio.gather(*(one(n) for n in nodes))
     return refused
@@ -182,7 +192,9 @@ def rss_bytes() -> int:
     return pages * os.sysconf("SC_PAGE_SIZE")
 
 
-async def run_fleet(settings: Settings, spec: FleetSpec) -> None:
+async def run_fleet(
+    settings: Settings, spec: FleetSpec, *, progress: Callable[[int, int], None] | None = None
+) -> None:
     before = rss_bytes()
     nodes = await asyncio.to_thread(fleet_nodes, spec, data_dir=settings.data_dir)
     client = await temporal.connect(
@@ -203,7 +215,9 @@ async def run_fleet(settings: Settings, spec: FleetSpec) -> None:
         await asyncio.gather(*(w.shutdown() for w in workers))
 
     stop_on_signals(stop)
-    refused = await register_fleet(client, nodes, core_task_queue=settings.core_task_queue)
+    refused = await register_fleet(
+        client, nodes, core_task_queue=settings.core_task_queue, progress=progress
+    )
     after = rss_bytes()
     log.info(
         "simulated nodes running",

@@ -60,6 +60,9 @@ def configure_logging(settings: Settings, *, component: str | None = None) -> No
     )
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(formatter)
+    # The configured level is a floor for every record, also from libraries that set their own
+    # logger to DEBUG (bm25s does while it builds an index).
+    handler.setLevel(settings.log_level)
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(settings.log_level)

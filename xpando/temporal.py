@@ -92,10 +92,15 @@ class PayloadConverter(CompositePayloadConverter):
 data_converter = DataConverter(payload_converter_class=PayloadConverter)
 
 
+class TemporalUnreachable(RuntimeError):
+    """No Temporal frontend answered at the configured address (after every attempt)."""
+
+
 async def connect(
     settings: Settings, *, attempts: int = 1, delay_s: float = 0.5, runtime: Runtime | None = None
 ) -> Client:
-    """Connect with xpando's data converter, trying ``attempts`` times while it starts."""
+    """Connect with xpando's data converter, trying ``attempts`` times while it starts;
+    raises :class:`TemporalUnreachable` naming the address when every attempt failed."""
     last: Exception | None = None
     for attempt in range(max(1, attempts)):
         try:
@@ -116,7 +121,9 @@ async def connect(
             if attempt + 1 < attempts:
                 await asyncio.sleep(delay_s)
     assert last is not None
-    raise last
+    raise TemporalUnreachable(
+        f"cannot reach Temporal at {settings.temporal_target}: {last}"
+    ) from last
 
 
 async def ensure_search_attributes(client: Client) -> list[str]:
