@@ -16,6 +16,7 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from xpando.contracts import (
+    UNSAFE_CONTROLS,
     AggregationStrategy,
     BreakerView,
     CleanText,
@@ -34,9 +35,9 @@ from xpando.contracts_payouts import ApproveInput, PayoutSagaResult
 PROMPT_MAX_CHARS = 8000
 K_MIN, K_MAX = 1, 9
 ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"
-# Text that is refused when blank: it is stripped before the limits apply, and the pattern tells
-# clients so (at least one character that is not whitespace).
-NOT_BLANK = r"\S"
+# Clean text that is refused when blank: it is stripped before the limits apply, and the pattern
+# tells clients so (no unsafe control character, and one character that is not whitespace).
+NOT_BLANK = rf"^[^{UNSAFE_CONTROLS}]*[^\s{UNSAFE_CONTROLS}][^{UNSAFE_CONTROLS}]*$"
 
 # The text check comes after the constraints here so that the pattern stays in the OpenAPI
 # schema; it still runs first (a before-validator), so a control character is ``invalid_text``.
@@ -326,7 +327,7 @@ class SettleAccepted(BaseModel):
 class ApproveBody(ApproveInput):
     model_config = ConfigDict(str_strip_whitespace=True)
 
-    approver: str = Field(
+    approver: CleanText = Field(
         min_length=1, max_length=64, pattern=NOT_BLANK, description="Who approves the payouts"
     )
 

@@ -23,6 +23,7 @@ from api.main import create_app
 from tests.conftest import free_port
 from workers.core import build_core_worker
 from xpando import temporal
+from xpando.chain import init_chain
 from xpando.db import create_engine, init_db, session_factory
 from xpando.settings import Settings
 
@@ -50,6 +51,7 @@ CONFIG = schemathesis.Config.from_dict(
 async def _serve(server: uvicorn.Server, settings: Settings) -> None:
     """The API with a core worker beside it, as in a running network: tasks and sagas it starts
     make progress, and the queries and updates it sends them are answered."""
+    await init_chain(settings)  # the embedded chain the payout sagas pay on
     client = await temporal.connect(settings)
     engine = create_engine(settings.database_dsn)
     await init_db(engine)
@@ -64,7 +66,7 @@ async def _serve(server: uvicorn.Server, settings: Settings) -> None:
 def api_url(temporal_target: str, tmp_path: Path) -> Iterator[str]:
     """The API served by uvicorn on a free loopback port; its base URL."""
     app_settings = Settings(
-        _env_file=None,  # type: ignore[call-arg]
+        _env_file=None,
         data_dir=tmp_path / "data",
         temporal_address=temporal_target,
         database_url=f"sqlite+aiosqlite:///{tmp_path / 'xpando.db'}",

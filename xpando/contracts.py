@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from datetime import datetime
 from enum import StrEnum
-from typing import Annotated
+from typing import Annotated, Any
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 from pydantic_core import PydanticCustomError
@@ -25,7 +25,13 @@ class Contract(BaseModel):
 # it in text), lone surrogates (they have no UTF-8 encoding, so no JSON payload, database or
 # provider call can carry them), and the other C0 controls but tab, newline and carriage return
 # (terminal escapes, invisible in logs and the Web UI: no prompt or profile needs them).
-UNSAFE_TEXT = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff]")
+# Control characters a database or provider cannot take (tab, newline and carriage return are
+# fine); with the lone surrogates, what UNSAFE_TEXT finds.
+UNSAFE_CONTROLS = r"\x00-\x08\x0b\x0c\x0e-\x1f"
+UNSAFE_TEXT = re.compile(rf"[{UNSAFE_CONTROLS}\ud800-\udfff]")
+# What the OpenAPI document says of such text: a JSON Schema (ECMA-262) pattern has no portable
+# way to name a lone surrogate, so it names the control characters only.
+SAFE_TEXT_PATTERN = rf"^[^{UNSAFE_CONTROLS}]*$"
 INVALID_TEXT = "invalid_text"  # the error code of a refusal (API details, pydantic error type)
 INVALID_TEXT_TYPE = "InvalidText"  # the type of the same refusal as a Temporal ApplicationError
 
@@ -43,6 +49,12 @@ def refuse_unsafe_text(value: object) -> object:
     return value
 
 
+def _document_safe_text(schema: dict[str, Any]) -> None:
+    """A CleanText field's JSON schema names the characters it refuses (a field with a pattern
+    of its own says so in that pattern)."""
+    schema.setdefault("pattern", SAFE_TEXT_PATTERN)
+
+
 def scrub_unsafe_text(value: object) -> object:
     """Drop control characters and replace lone surrogates with U+FFFD."""
     if isinstance(value, str) and UNSAFE_TEXT.search(value):
@@ -53,7 +65,9 @@ def scrub_unsafe_text(value: object) -> object:
 # Text a person or a node sends in: refused when unsafe (before any other check of the field,
 # so the error code is always ``invalid_text``). Silently changed text would be a prompt nobody
 # asked, an approval note nobody wrote, or a signed profile that no longer matches its signature.
-CleanText = Annotated[str, BeforeValidator(refuse_unsafe_text)]
+CleanText = Annotated[
+    str, BeforeValidator(refuse_unsafe_text), Field(json_schema_extra=_document_safe_text)
+]
 # Text a provider or a corpus produced (answers, citations, error messages): nobody can correct
 # it, and refusing it would fail a task over a provider's quirk, so it is made safe instead.
 ScrubbedText = Annotated[str, BeforeValidator(scrub_unsafe_text)]

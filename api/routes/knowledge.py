@@ -13,7 +13,7 @@ from api.deps import SessionDep, SettingsDep, TemporalClientDep
 from api.errors import ApiError, responses
 from api.schemas import ID_PATTERN, KnowledgeList, KnowledgeView
 from workflows.knowledge import KnowledgeWorkflow
-from xpando.contracts import KnowledgeStats, Provenance, refuse_unsafe_text
+from xpando.contracts import SAFE_TEXT_PATTERN, KnowledgeStats, Provenance, refuse_unsafe_text
 from xpando.db import queries
 from xpando.db.models import Knowledge
 from xpando.mother.knowledge import KnowledgeIndex, effective_confidence, knowledge_workflow_id
@@ -56,7 +56,12 @@ async def search_knowledge(
     session: SessionDep,
     q: Annotated[
         str,
-        Query(min_length=1, max_length=2000, description="What to look for"),
+        Query(
+            min_length=1,
+            max_length=2000,
+            description="What to look for",
+            json_schema_extra={"pattern": SAFE_TEXT_PATTERN},  # checked by the validator below
+        ),
         BeforeValidator(refuse_unsafe_text),  # a provider embedder may refuse what a DB would
     ],
     domain: DomainQuery = None,
