@@ -491,7 +491,7 @@ async def _task(args: argparse.Namespace, settings: Settings) -> int:
                 domain=args.domain,
                 regions=args.regions,
                 quorum=args.quorum,
-                deadline_ms=int(args.deadline_s * 1000) if args.deadline_s else None,
+                deadline_ms=max(1, round(args.deadline_s * 1000)) if args.deadline_s else None,
                 wait_for_experts_s=settings.task_wait_for_experts_s,
             )
         except ValidationError as err:
