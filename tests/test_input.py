@@ -213,6 +213,22 @@ async def test_workflows_given_unsafe_text_fail_at_once_with_invalid_text(
         assert isinstance(cause, ApplicationError) and cause.type == "InvalidText"
         assert "prompt: text contains U+0000 at position 7" in cause.message
 
+        # A task started by hand with JSON its contract refuses (a misspelt field, k out of
+        # range): the run fails at once naming the fields, instead of retrying its first
+        # workflow task for ever.
+        task_id = f"task-{uuid.uuid4().hex[:10]}"
+        handle = await client.start_workflow(
+            "TaskWorkflow",
+            {"task_id": task_id, "promt": "why does bread rise", "k": 0},
+            id=task_id,
+            task_queue=settings.core_task_queue,
+        )
+        with pytest.raises(WorkflowFailureError) as failed:
+            await handle.result()
+        cause = failed.value.cause
+        assert isinstance(cause, ApplicationError) and cause.type == "InvalidInput"
+        assert cause.non_retryable and "prompt" in cause.message and "k" in cause.message
+
 
 # --- the record step: a refused write fails fast, a lost connection retries ---------------------
 

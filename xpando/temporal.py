@@ -54,25 +54,34 @@ _INDEXED_TYPE = {
 
 
 class _JSONPayloadConverter(PydanticJSONPlainPayloadConverter):
-    """Pydantic's JSON payload converter, except that a payload refused for its text (a
-    ``CleanText`` field with a control character, e.g. a workflow started by hand with
-    ``temporal workflow start``) raises a non-retryable ``InvalidText`` ApplicationError. The SDK
-    lets that fail the workflow (or reject the update) that received it; any other decoding
-    error fails the workflow task, which would then retry until the end of time."""
+    """Pydantic's JSON payload converter, except that a payload its contract refuses (e.g. a
+    workflow started by hand with ``temporal workflow start`` and a misspelt field, or a
+    ``CleanText`` field with a control character) raises a non-retryable ApplicationError —
+    ``InvalidText`` when only text was refused, else ``InvalidInput`` — naming what is wrong.
+    The SDK lets that fail the workflow (or reject the update) that received it; left a plain
+    decoding error it would fail the workflow task, which then retries until the end of time.
+    Pinned Worker Deployment versions mean a run is only ever decoded by the build that
+    started it, so a refusal here is the input's fault, not a rollout's."""
 
     def from_payload(self, payload: Payload, type_hint: type | None = None) -> Any:
         try:
             return super().from_payload(payload, type_hint)
         except ValidationError as err:
-            refused = [e for e in err.errors() if e["type"] == INVALID_TEXT]
-            if not refused or len(refused) < err.error_count():
-                raise
+            text_only = all(e["type"] == INVALID_TEXT for e in err.errors())
             where = "; ".join(
-                f"{'.'.join(str(p) for p in e['loc']) or 'value'}: {e['msg']}" for e in refused
+                f"{'.'.join(str(p) for p in e['loc']) or 'value'}: {e['msg']}"
+                for e in err.errors()[:10]
             )
             raise ApplicationError(
-                f"refused {err.title}: {where}", type=INVALID_TEXT_TYPE, non_retryable=True
+                f"refused {err.title}: {where}",
+                type=INVALID_TEXT_TYPE if text_only else INVALID_INPUT_TYPE,
+                non_retryable=True,
             ) from err
+
+
+# A payload its contract refuses for anything but text (a missing or misspelt field, a value
+# out of range).
+INVALID_INPUT_TYPE = "InvalidInput"
 
 
 class PayloadConverter(CompositePayloadConverter):
