@@ -1,14 +1,31 @@
-"""Typed dependencies: settings, the Temporal client and a database session."""
+"""Typed dependencies: settings, the Temporal client, a database session, and who is calling.
+
+Every route but the probes, the OpenAPI documents and signed node registration needs an API key
+with a scope: a route says which with :func:`require`, and its router's :class:`AuthRoute` checks
+the key before the request's body is read, so a caller without a valid key learns nothing about
+the body and costs no parsing. The caller's :class:`~xpando.auth.keys.Principal` is what the
+dependency returns and is also ``request.state.principal``.
+"""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from typing import Annotated, cast
+from collections.abc import AsyncIterator, Callable, Coroutine
+from typing import Annotated, Any, cast
 
-from fastapi import Depends, Request
+import structlog
+from fastapi import Depends, Request, Response
+from fastapi.dependencies.models import Dependant
+from fastapi.routing import APIRoute
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlmodel.ext.asyncio.session import AsyncSession
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Send
+from starlette.types import Scope as AsgiScope
 from temporalio.client import Client
 
+from api.errors import ApiError, error_response
+from xpando.auth import store
+from xpando.auth.keys import Principal, Scope
 from xpando.db import SessionFactory
 from xpando.routing.registry import NodeRegistry
 from xpando.settings import Settings
@@ -42,3 +59,210 @@ TemporalClientDep = Annotated[Client, Depends(get_temporal)]
 SessionDep = Annotated[AsyncSession, Depends(get_session)]
 LivenessDep = Annotated[NodeLiveness, Depends(get_liveness)]
 RegistryDep = Annotated[NodeRegistry, Depends(get_registry)]
+
+
+# --- who is calling ------------------------------------------------------------------------------
+
+BEARER = HTTPBearer(
+    scheme_name="ApiKey",
+    bearerFormat="xpd_<key id>_<secret>",
+    description="An API key: `Authorization: Bearer xpd_…`. Create one with `xpando keys create "
+    "--name NAME --scope SCOPE` or `POST /v1/keys`; `xpando dev` keeps an admin key in "
+    "`<data_dir>/dev-api-key`.",
+    auto_error=False,  # refused by require(), with the API's error body
+)
+
+
+def _challenge(error: str | None = None, scope: str | None = None) -> dict[str, str]:
+    """``WWW-Authenticate`` of a refusal (RFC 6750)."""
+    parts = ['Bearer realm="xpando"']
+    if error:
+        parts.append(f'error="{error}"')
+    if scope:
+        parts.append(f'scope="{scope}"')
+    return {"WWW-Authenticate": ", ".join(parts)}
+
+
+async def _authenticate(request: Request) -> Principal:
+    header = request.headers.get("authorization")
+    if not header:
+        raise ApiError(
+            401,
+            "unauthenticated",
+            "this route needs an API key: send 'Authorization: Bearer xpd_…'",
+            headers=_challenge(),
+        )
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise ApiError(
+            401,
+            "unauthenticated",
+            "the Authorization header must be 'Bearer <API key>'",
+            headers=_challenge("invalid_request"),
+        )
+    sessions = cast(SessionFactory, request.app.state.sessions)
+    async with sessions() as session:  # released before the route takes its own session
+        try:
+            return await store.authenticate(session=session, key=token.strip())
+        except store.Unauthenticated as err:
+            raise ApiError(
+                401, "unauthenticated", str(err), headers=_challenge("invalid_token")
+            ) from None
+
+
+async def authorize(request: Request, scope: Scope) -> Principal:
+    """The caller's principal, which must hold ``scope`` (or ``admin``): 401 without a valid
+    key, 403 without the scope. Sets ``request.state.principal``."""
+    principal = getattr(request.state, "principal", None)
+    if not isinstance(principal, Principal):
+        principal = await _authenticate(request)
+        request.state.principal = principal
+    if not principal.allows(scope):
+        held = ", ".join(sorted(principal.scopes))
+        raise ApiError(
+            403,
+            "forbidden",
+            f"this route needs an API key with scope {scope.value!r} (or 'admin'); key "
+            f"{principal.key_id} ({principal.name}) has: {held}",
+            headers=_challenge("insufficient_scope", scope.value),
+        )
+    return principal
+
+
+class Require:
+    """The dependency :func:`require` returns (its ``scope`` is what :class:`AuthRoute` reads)."""
+
+    def __init__(self, scope: Scope) -> None:
+        self.scope = scope
+
+    async def __call__(
+        self,
+        request: Request,
+        # Declares the bearer scheme on the route's OpenAPI entry; the header is read above.
+        _credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(BEARER)],
+    ) -> Principal:
+        return await authorize(request, self.scope)
+
+
+def require(scope: Scope) -> Require:
+    """A dependency that returns the caller's :class:`Principal` holding ``scope``:
+    ``principal: Annotated[Principal, Depends(require(Scope.TASKS_WRITE))]``, or
+    ``dependencies=[Depends(require(...))]`` when the route does not need the principal."""
+    return Require(scope)
+
+
+def required_scope(dependant: Dependant) -> Scope | None:
+    """The scope a route's dependencies require, if any."""
+    for dep in dependant.dependencies:
+        if isinstance(dep.call, Require):
+            return dep.call.scope
+        found = required_scope(dep)
+        if found is not None:
+            return found
+    return None
+
+
+class AuthRoute(APIRoute):
+    """A route that checks the API key (when it requires a scope) before FastAPI reads and
+    parses the body, and names the scope in its OpenAPI entry."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        scope = required_scope(self.dependant)
+        if scope is not None:
+            note = f"Needs an API key with scope `{scope.value}` (or `admin`)."
+            self.description = f"{self.description}\n\n{note}" if self.description else note
+            self.openapi_extra = {**(self.openapi_extra or {}), "x-required-scope": scope.value}
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+        scope = required_scope(self.dependant)
+        if scope is None:
+            return handler
+
+        async def authorized(request: Request) -> Response:
+            principal = await authorize(request, scope)
+            with structlog.contextvars.bound_contextvars(
+                principal=principal.name, key_id=principal.key_id
+            ):
+                return await handler(request)
+
+        return authorized
+
+
+PayoutApprover = Annotated[Principal, Depends(require(Scope.PAYOUTS_APPROVE))]
+Admin = Annotated[Principal, Depends(require(Scope.ADMIN))]
+
+
+# --- limits --------------------------------------------------------------------------------------
+
+
+class BodyTooLarge(StarletteHTTPException):
+    """An HTTP exception so that FastAPI passes it on from a route reading its body (it turns
+    any other error there into a 400)."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(
+            413,
+            f"the request body is larger than {limit} bytes (XPANDO_API_MAX_BODY_BYTES)",
+            headers={"Connection": "close"},
+        )
+
+
+class BodyLimit:
+    """Refuses a request body over ``limit`` bytes before it is read: at once when its
+    Content-Length says so, and, for a streamed (chunked) body, as soon as what arrived passes
+    the limit — the route never sees more than ``limit`` bytes."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: AsgiScope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        length = _content_length(scope)
+        if length is not None and length > self.limit:
+            await self._refuse(scope, receive, send)
+            return
+        received = 0
+        started = False
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.limit:
+                    raise BodyTooLarge(self.limit)  # the route's exception handler answers
+            return message
+
+        async def tracked_send(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, tracked_send)
+        except BodyTooLarge:
+            if started:
+                raise
+            await self._refuse(scope, receive, send)  # read outside a route, e.g. a middleware
+
+    async def _refuse(self, scope: AsgiScope, receive: Receive, send: Send) -> None:
+        refusal = BodyTooLarge(self.limit)
+        response = error_response(
+            413, "body_too_large", refusal.detail, headers=dict(refusal.headers or {})
+        )
+        await response(scope, receive, send)
+
+
+def _content_length(scope: AsgiScope) -> int | None:
+    for name, value in scope.get("headers", ()):
+        if name == b"content-length":
+            try:
+                return int(value)
+            except ValueError:
+                return None  # the server refuses it before we see it
+    return None

@@ -19,10 +19,13 @@ from xpando.embedding_providers import EmbeddingUnavailable
 # What each error status means on this API, as the OpenAPI document describes it.
 ERROR_DESCRIPTIONS = {
     400: "Bad request: a body that cannot be read, or a malformed header",
-    401: "The signature does not verify, or its timestamp is stale",
-    403: "The request is signed by another key than the node's",
+    401: "Unauthenticated: no valid API key (missing, malformed, unknown, revoked or expired); "
+    "for node registration, a signature that does not verify or a stale timestamp",
+    403: "Forbidden: the API key lacks the scope this route needs; for node registration, a "
+    "request signed by another key than the node's",
     404: "Not found",
     409: "Conflicts with the current state",
+    413: "The request body is larger than XPANDO_API_MAX_BODY_BYTES",
     422: "Invalid request: a field, parameter or body is out of its bounds",
     503: "A backing service (Temporal, an embedder) is unavailable; retry later",
 }
@@ -33,13 +36,20 @@ TEMPORAL_DOWN = frozenset({RPCStatusCode.UNAVAILABLE, RPCStatusCode.DEADLINE_EXC
 
 class ApiError(Exception):
     def __init__(
-        self, status: int, code: str, message: str, details: list[dict[str, Any]] | None = None
+        self,
+        status: int,
+        code: str,
+        message: str,
+        details: list[dict[str, Any]] | None = None,
+        *,
+        headers: dict[str, str] | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
         self.code = code
         self.message = message
         self.details = details or []
+        self.headers = headers
 
 
 def responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
@@ -66,10 +76,23 @@ def _body(code: str, message: str, details: list[dict[str, Any]] | None = None) 
     return ErrorBody(error=info).model_dump()
 
 
+def error_response(
+    status: int,
+    code: str,
+    message: str,
+    *,
+    details: list[dict[str, Any]] | None = None,
+    headers: dict[str, str] | None = None,
+) -> JSONResponse:
+    return JSONResponse(_body(code, message, details), status_code=status, headers=headers)
+
+
 def install(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
-        return JSONResponse(_body(exc.code, exc.message, exc.details), status_code=exc.status)
+        return error_response(
+            exc.status, exc.code, exc.message, details=exc.details, headers=exc.headers
+        )
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -91,9 +114,12 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        code = {400: "bad_request", 404: "not_found", 405: "method_not_allowed"}.get(
-            exc.status_code, "http_error"
-        )
+        code = {
+            400: "bad_request",
+            404: "not_found",
+            405: "method_not_allowed",
+            413: "body_too_large",  # api.deps.BodyLimit, from inside a route reading its body
+        }.get(exc.status_code, "http_error")
         headers = dict(exc.headers or {})
         if exc.status_code == 405:
             headers["Allow"] = _allowed(app, request.url.path) or headers.get("Allow", "")

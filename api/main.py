@@ -8,7 +8,8 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from api import errors
-from api.routes import health, knowledge, nodes, payouts, tasks
+from api.deps import BodyLimit
+from api.routes import health, keys, knowledge, nodes, payouts, tasks
 from workers.wiring import build_knowledge_index, build_liveness, build_registry
 from xpando import __version__, temporal
 from xpando.db import create_engine, init_db, session_factory
@@ -42,10 +43,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     errors.install(app)
+    app.add_middleware(BodyLimit, limit=settings.api_max_body_bytes)
     app.include_router(health.router)
     app.include_router(tasks.router)
     app.include_router(nodes.router)
     app.include_router(payouts.router)
     app.include_router(payouts.earnings_router)
     app.include_router(knowledge.router)
+    app.include_router(keys.router)
     return app

@@ -15,6 +15,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from xpando.auth.keys import NAME_PATTERN, Scope
 from xpando.contracts import (
     UNSAFE_CONTROLS,
     AggregationStrategy,
@@ -30,7 +31,7 @@ from xpando.contracts import (
     SignedNodeRequest,
     refuse_unsafe_text,
 )
-from xpando.contracts_payouts import ApproveInput, PayoutSagaResult
+from xpando.contracts_payouts import PayoutSagaResult
 
 PROMPT_MAX_CHARS = 8000
 K_MIN, K_MAX = 1, 9
@@ -321,15 +322,13 @@ class SettleAccepted(BaseModel):
     links: EpochLinks
 
 
-# The ``approve`` update's input as the HTTP body (a docstring would become its OpenAPI
-# description): surrounding whitespace is dropped before the limits apply, so a blank approver
-# is refused here rather than recorded.
-class ApproveBody(ApproveInput):
-    model_config = ConfigDict(str_strip_whitespace=True)
+class ApproveBody(BaseModel):
+    """The approver is the caller's key's principal, not a field: no one can approve in
+    another's name. Unknown fields (an ``approver``) are refused."""
 
-    approver: CleanText = Field(
-        min_length=1, max_length=64, pattern=NOT_BLANK, description="Who approves the payouts"
-    )
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
+
+    note: CleanText = Field("", max_length=500, description="Why, for the record")
 
 
 class PendingEarnings(BaseModel):
@@ -346,3 +345,50 @@ class EarningsView(BaseModel):
     carried_over: int = Field(description="Owed, waiting for a later epoch (see reasons)")
     in_flight: int = Field(description="In an epoch being paid right now")
     payouts: list[PayoutView]
+
+
+# --- API keys ------------------------------------------------------------------------------------
+
+
+MAX_KEY_LIFETIME_S = 10 * 365 * 86400
+KeyLifetime = Annotated[int, Field(ge=1, le=MAX_KEY_LIFETIME_S), BeforeValidator(_json_number)]
+
+
+class KeyCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(
+        min_length=1,
+        max_length=64,
+        pattern=NAME_PATTERN,
+        description="Who uses the key: the principal its approvals record and logs show",
+    )
+    scopes: list[Scope] = Field(
+        min_length=1, max_length=len(Scope), description="What the key may do (admin: all)"
+    )
+    expires_in_s: KeyLifetime | None = Field(
+        None, description="Seconds until the key stops working (at most 10 years); none: never"
+    )
+
+
+class KeyView(BaseModel):
+    key_id: str = Field(description="The key's public id: the 12 characters after xpd_")
+    name: str
+    scopes: list[Scope]
+    status: Literal["active", "revoked", "expired"]
+    created_by: str | None = Field(None, description="The principal (or command) that issued it")
+    created_at: datetime
+    expires_at: datetime | None = None
+    revoked_at: datetime | None = None
+
+
+class KeyCreated(KeyView):
+    key: str = Field(
+        description="The key itself (xpd_<key id>_<secret>): shown this once; only its SHA-256 "
+        "digest is stored"
+    )
+
+
+class KeyList(BaseModel):
+    keys: list[KeyView]
+    count: int

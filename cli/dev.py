@@ -31,8 +31,10 @@ from temporalio.client import Client
 
 from cli.devserver import dev_server_env, start_dev_command
 from xpando import temporal
+from xpando.auth.keys import dev_key_path
+from xpando.auth.store import ensure_dev_key
 from xpando.corpus import DEV_DOMAINS, ensure_domain_corpus
-from xpando.db import create_engine, init_db
+from xpando.db import create_engine, init_db, session_factory
 from xpando.logs import get_logger
 from xpando.settings import Settings
 
@@ -209,6 +211,7 @@ class Supervisor:
         self._stopping = False
         self.watching = False
         self._not_ready = ""  # what /readyz last said was missing
+        self.api_key = ""  # the admin key at <data_dir>/dev-api-key, set by _prepare
 
     def _env(self) -> dict[str, str]:
         s = self.settings
@@ -329,7 +332,13 @@ class Supervisor:
             log.info("search attributes registered", names=added)
         engine = create_engine(s.database_dsn)
         await init_db(engine)
+        # First start (or the file's key revoked): an admin key, kept 0600 in the data folder.
+        self.api_key, created = await ensure_dev_key(
+            sessions=session_factory(engine), data_dir=s.data_dir
+        )
         await engine.dispose()
+        if created:
+            log.info("dev API key created", path=str(dev_key_path(s.data_dir).resolve()))
         if s.chain == "embedded":  # first start: the XPD mint, the treasury, its funds
             from xpando.chain import init_chain
 
@@ -372,7 +381,8 @@ class Supervisor:
     def _nodes_ready(self) -> bool:
         """Every dev node registered and polling its queue (so the first task has experts)."""
         base = f"http://{self.settings.api_host}:{self.settings.api_port}"
-        nodes = httpx.get(f"{base}/v1/nodes", timeout=5.0).json().get("nodes", [])
+        auth = {"Authorization": f"Bearer {self.api_key}"}
+        nodes = httpx.get(f"{base}/v1/nodes", headers=auth, timeout=5.0).json().get("nodes", [])
         wanted = {node_id for node_id, _, _ in dev_node_specs(self.settings)}
         live = {n["node_id"] for n in nodes if n.get("live")}
         self._not_ready = f"nodes not live yet: {', '.join(sorted(wanted - live))}"
@@ -381,16 +391,19 @@ class Supervisor:
     def banner(self) -> str:
         s = self.settings
         nodes = ", ".join(f"{n} ({r}, {d})" for n, r, d in dev_node_specs(s))
+        key_file = dev_key_path(s.data_dir).resolve()
         return "\n".join(
             [
                 "",
                 "xpando is ready",
                 f"  API            http://{s.api_host}:{s.api_port}   (docs: /docs)",
+                f"  API key        {self.api_key}   (admin; also in {key_file})",
                 f"  Temporal UI    {s.temporal_ui_base}",
                 f"  Temporal gRPC  {s.temporal_target}  namespace {s.temporal_namespace}",
                 f"  nodes          {nodes}",
                 f"  data           {s.data_dir.resolve()}",
                 f"  try:  curl -s -X POST localhost:{s.api_port}/v1/tasks "
+                f'-H "Authorization: Bearer $(cat {key_file})" '
                 "-H 'content-type: application/json' "
                 '-d \'{"prompt": "How do I set a retry policy on an activity?"}\'',
                 "A process that exits is started again; Ctrl-C stops everything.",

@@ -11,7 +11,7 @@ import time
 import traceback
 import uuid
 from collections.abc import Callable, Sequence
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
@@ -39,7 +39,7 @@ exit status:
   {EXIT_OK}    success
   {EXIT_TASK_FAILED}    the task failed (task get, task submit --wait)
   {EXIT_USAGE}    bad arguments, settings or configuration
-  {EXIT_NOT_FOUND}    not found (no such task)
+  {EXIT_NOT_FOUND}    not found (no such task, no such API key)
   {EXIT_UNREACHABLE}    unreachable: Temporal, the database or a core worker did not answer
   {EXIT_REFUSED}    refused: the network refused the node's registration
   {EXIT_INTERNAL}   internal error (a bug; run with --debug for the traceback)
@@ -150,6 +150,31 @@ def _parser() -> argparse.ArgumentParser:
         "(idempotent); rpc: check the configured mint and treasury",
     )
 
+    keys = sub.add_parser(
+        "keys", help="API keys: create, list and revoke them (in the database, like db init)"
+    )
+    ksub = keys.add_subparsers(dest="action", required=True)
+    create = ksub.add_parser("create", help="issue a key and print it, this once")
+    create.add_argument(
+        "--name", required=True, help="who uses it: the principal its approvals record"
+    )
+    create.add_argument(
+        "--scope",
+        action="append",
+        required=True,
+        dest="scopes",
+        help="tasks:write, tasks:read, knowledge:read, nodes:read, payouts:read, "
+        "payouts:approve or admin (repeat it, or separate with commas)",
+    )
+    create.add_argument(
+        "--expires",
+        help="when it stops working: after a duration (90d, 12h, 30m) or at an ISO 8601 "
+        "date or time (UTC unless it says otherwise)",
+    )
+    ksub.add_parser("list", help="every key: id, name, scopes, status, expiry (never a secret)")
+    revoke = ksub.add_parser("revoke", help="revoke a key by its id (refused from then on)")
+    revoke.add_argument("key_id")
+
     task = sub.add_parser("task", help="submit and read tasks through Temporal")
     tsub = task.add_subparsers(dest="action", required=True)
     submit = tsub.add_parser("submit", help="start a TaskWorkflow")
@@ -180,7 +205,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     return code
 
 
-_SHORT_TEMPORAL_COMMANDS = frozenset({"task", "search-attributes", "chain", "db"})
+_SHORT_TEMPORAL_COMMANDS = frozenset({"task", "search-attributes", "chain", "db", "keys"})
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -298,6 +323,8 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
         added = asyncio.run(_search_attributes(settings))
         print("registered:", ", ".join(added) if added else "nothing (all present)")
         return 0
+    if args.command == "keys":
+        return asyncio.run(_keys(args, settings))
     if args.command == "task":
         return asyncio.run(_task(args, settings))
     if args.command == "chain":
@@ -452,6 +479,90 @@ def _chain_init(settings: Settings) -> int:
     if info.kind == "embedded":
         print(f"  state                   {(settings.data_dir / 'chain').resolve()}")
     return 0
+
+
+async def _keys(args: argparse.Namespace, settings: Settings) -> int:
+    from xpando.auth import store
+    from xpando.db import create_engine, init_db, session_factory
+
+    now = datetime.now(UTC)
+    if args.action == "create":  # arguments first: a typo needs no database
+        scopes = [s for value in args.scopes for s in _csv(value)]
+        try:
+            store.check_scopes(scopes)
+        except ValueError as err:
+            raise CliError(str(err)) from err
+        expires_at = _expiry(args.expires, now) if args.expires else None
+    engine = create_engine(settings.database_dsn)
+    try:
+        await init_db(engine)
+        async with session_factory(engine)() as session:
+            if args.action == "create":
+                try:
+                    issued = await store.create_key(
+                        session=session,
+                        name=args.name,
+                        scopes=scopes,
+                        expires_at=expires_at,
+                        created_by="xpando keys create",
+                        now=now,
+                    )
+                except ValueError as err:
+                    raise CliError(str(err)) from err
+                made = issued.row
+                until = f"until {_iso(made.expires_at)}" if made.expires_at else "no expiry"
+                print(
+                    f"xpando: created API key {made.key_id} for {made.name!r} "
+                    f"({', '.join(made.scopes)}; {until}); it is shown once, below",
+                    file=sys.stderr,
+                )
+                print(issued.key)
+                return 0
+            if args.action == "list":
+                rows = await store.list_keys(session=session)
+                print(f"{'KEY ID':<12}  {'NAME':<20}  {'STATUS':<7}  {'EXPIRES':<25}  SCOPES")
+                for row in rows:
+                    expires = _iso(row.expires_at) or "never"
+                    print(
+                        f"{row.key_id:<12}  {row.name:<20}  {store.status(row, now):<7}  "
+                        f"{expires:<25}  {','.join(row.scopes)}"
+                    )
+                return 0
+            revoked = await store.revoke_key(session=session, key_id=args.key_id, now=now)
+            if revoked is None:
+                raise CliError(
+                    f"no API key {args.key_id!r}; list them with: xpando keys list",
+                    status=EXIT_NOT_FOUND,
+                )
+            print(
+                f"revoked API key {revoked.key_id} ({revoked.name}) at {_iso(revoked.revoked_at)}"
+            )
+            return 0
+    finally:
+        await engine.dispose()
+
+
+def _expiry(text: str, now: datetime) -> datetime:
+    """``--expires``: a duration from now (``90d``, ``12h``, ``30m``, ``45s``) or an ISO 8601
+    date or time, UTC unless it names a zone."""
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+    text = text.strip()
+    try:
+        if text[:-1].isdigit() and text[-1:] in units:
+            return now + timedelta(seconds=int(text[:-1]) * units[text[-1]])
+        when = datetime.fromisoformat(text)
+    except (ValueError, OverflowError) as err:
+        raise CliError(
+            f"--expires {text!r}: give a duration (90d, 12h, 30m) or an ISO 8601 date or time "
+            "(2030-01-31, 2030-01-31T12:00:00Z), before the year 10000"
+        ) from err
+    return when if when.tzinfo else when.replace(tzinfo=UTC)
+
+
+def _iso(value: datetime | None) -> str | None:
+    if value is None:
+        return None
+    return (value if value.tzinfo else value.replace(tzinfo=UTC)).isoformat(timespec="seconds")
 
 
 async def _search_attributes(settings: Settings) -> list[str]:

@@ -6,18 +6,26 @@ import asyncio
 import json
 import os
 import socket
+import threading
+import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from contextlib import AsyncExitStack, asynccontextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from contextlib import AsyncExitStack, asynccontextmanager, contextmanager
+from datetime import datetime
 from pathlib import Path
 
+import httpx
 import pytest
+import uvicorn
 from sqlalchemy.ext.asyncio import AsyncEngine
 from temporalio.client import Client
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
 
+from api.main import create_app
 from cli.devserver import start_local_env
+from xpando.auth import store
+from xpando.auth.keys import Scope
 from xpando.contracts import NodeProfile
 from xpando.db import SessionFactory, create_engine, init_db, session_factory
 from xpando.settings import Settings
@@ -179,6 +187,98 @@ async def engine(settings: Settings) -> AsyncIterator[AsyncEngine]:
 @pytest.fixture
 def sessions(engine: AsyncEngine) -> SessionFactory:
     return session_factory(engine)
+
+
+def bearer(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+async def issue_key(
+    sessions: SessionFactory,
+    *scopes: str,
+    name: str = "tester",
+    expires_at: datetime | None = None,
+) -> str:
+    """A new API key with ``scopes`` (admin when none), straight from the database."""
+    async with sessions() as session:
+        issued = await store.create_key(
+            session=session, name=name, scopes=scopes or [Scope.ADMIN], expires_at=expires_at
+        )
+    return issued.key
+
+
+@asynccontextmanager
+async def api_client(
+    settings: Settings, *scopes: str, name: str = "test-admin"
+) -> AsyncIterator[httpx.AsyncClient]:
+    """The API in process (httpx over ASGI, its lifespan run) called with a key of its own
+    holding ``scopes`` (admin when none): what a client with a key sees."""
+    app = create_app(settings)
+    async with app.router.lifespan_context(app):
+        key = await issue_key(app.state.sessions, *scopes, name=name)
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(
+            transport=transport, base_url="http://xpando.test", headers=bearer(key)
+        ) as http:
+            yield http
+
+
+async def issue_admin_key(settings: Settings, name: str = "test-admin") -> str:
+    """An admin key in the database of ``settings`` (created if missing), from outside the API."""
+    eng = create_engine(settings.database_dsn)
+    try:
+        await init_db(eng)
+        return await issue_key(session_factory(eng), Scope.ADMIN, name=name)
+    finally:
+        await eng.dispose()
+
+
+async def _serve(server: uvicorn.Server, settings: Settings) -> None:
+    """The API with a core worker beside it, as in a running network: tasks and sagas it starts
+    make progress, and the queries and updates it sends them are answered."""
+    from workers.core import build_core_worker
+    from xpando import temporal
+    from xpando.chain import init_chain
+
+    await init_chain(settings)  # the embedded chain the payout sagas pay on
+    client = await temporal.connect(settings)
+    eng = create_engine(settings.database_dsn)
+    await init_db(eng)
+    try:
+        async with build_core_worker(client, sessions=session_factory(eng), settings=settings):
+            await server.serve()
+    finally:
+        await eng.dispose()
+
+
+@contextmanager
+def served_api(settings: Settings, *, access_log: bool = False) -> Iterator[str]:
+    """The API served by uvicorn at ``settings.api_host:api_port`` with a core worker, in a
+    thread with its own event loop (so a test calls it synchronously, as any client would); its
+    base URL."""
+    server = uvicorn.Server(
+        uvicorn.Config(
+            create_app(settings),
+            host=settings.api_host,
+            port=settings.api_port,
+            log_config=None,
+            access_log=access_log,
+        )
+    )
+    thread = threading.Thread(
+        target=asyncio.run, args=(_serve(server, settings),), name="api", daemon=True
+    )
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started:
+        assert thread.is_alive(), "the API did not start"
+        assert time.monotonic() < deadline, "the API did not start within 60 s"
+        time.sleep(0.05)
+    try:
+        yield f"http://{settings.api_host}:{settings.api_port}"
+    finally:
+        server.should_exit = True
+        thread.join(30)
 
 
 @asynccontextmanager

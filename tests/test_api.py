@@ -9,22 +9,18 @@ from typing import Any
 
 import httpx
 import pytest
-from fastapi import FastAPI
 from temporalio.client import Client
 
 from api.main import create_app
-from tests.conftest import offline_network, wait_for
+from tests.conftest import api_client, offline_network, wait_for
 from xpando.db import SessionFactory, create_engine
 from xpando.settings import Settings
 
 
 @pytest.fixture
 async def api(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
-    app: FastAPI = create_app(settings)
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://xpando.test") as http:
-            yield http
+    async with api_client(settings) as http:
+        yield http
 
 
 def _error(resp: httpx.Response) -> dict[str, Any]:

@@ -1,13 +1,12 @@
 """Schemathesis against the running API (uvicorn on loopback with a core worker, the real dev
-server and a SQLite database): with every check on, no response it provokes is a server error,
-has a status the OpenAPI document does not declare for its route, or breaks its declared schema;
-a 405 names the allowed methods."""
+server and a SQLite database), calling with an admin key: with every check on, no response it
+provokes is a server error, has a status the OpenAPI document does not declare for its route, or
+breaks its declared schema; a 405 names the allowed methods; a route that declares the bearer
+scheme refuses a request without a key or with a wrong one (``ignored_auth``)."""
 
 from __future__ import annotations
 
 import asyncio
-import threading
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,56 +14,44 @@ from pathlib import Path
 import httpx
 import pytest
 import schemathesis
-import uvicorn
 from schemathesis import engine
 from schemathesis.engine import Status, events
 
-from api.main import create_app
-from tests.conftest import free_port
-from workers.core import build_core_worker
-from xpando import temporal
-from xpando.chain import init_chain
-from xpando.db import create_engine, init_db, session_factory
+from tests.conftest import free_port, issue_admin_key, served_api
 from xpando.settings import Settings
 
 # Bounded so the whole run stays well under a minute on two cores: the coverage phase's
 # boundary and negative cases per operation, then this many generated ones.
 MAX_EXAMPLES = 15
 
-CONFIG = schemathesis.Config.from_dict(
-    {
-        "checks": {"enabled": True},
-        "phases": {"stateful": {"enabled": False}},
-        "generation": {"max-examples": MAX_EXAMPLES, "deterministic": True},
-        "request-timeout": 20.0,
-        "operations": [
-            # No expert node runs here, so readiness answers its declared 503 (asserted below).
-            {
-                "include-path": "/readyz",
-                "checks": {"not_a_server_error": {"expected-statuses": ["2xx", "3xx", "4xx", 503]}},
-            }
-        ],
-    }
-)
 
-
-async def _serve(server: uvicorn.Server, settings: Settings) -> None:
-    """The API with a core worker beside it, as in a running network: tasks and sagas it starts
-    make progress, and the queries and updates it sends them are answered."""
-    await init_chain(settings)  # the embedded chain the payout sagas pay on
-    client = await temporal.connect(settings)
-    engine = create_engine(settings.database_dsn)
-    await init_db(engine)
-    try:
-        async with build_core_worker(client, sessions=session_factory(engine), settings=settings):
-            await server.serve()
-    finally:
-        await engine.dispose()
+def _config(key: str) -> schemathesis.Config:
+    """Every check and phase but the stateful one, calling with ``key`` (the ApiKey scheme)."""
+    return schemathesis.Config.from_dict(
+        {
+            "auth": {"openapi": {"ApiKey": {"bearer": key}}},
+            "checks": {"enabled": True},
+            "phases": {"stateful": {"enabled": False}},
+            "generation": {"max-examples": MAX_EXAMPLES, "deterministic": True},
+            "request-timeout": 20.0,
+            "operations": [
+                # No expert node runs here, so readiness answers its declared 503 (asserted
+                # below).
+                {
+                    "include-path": "/readyz",
+                    "checks": {
+                        "not_a_server_error": {"expected-statuses": ["2xx", "3xx", "4xx", 503]}
+                    },
+                }
+            ],
+        }
+    )
 
 
 @pytest.fixture
-def api_url(temporal_target: str, tmp_path: Path) -> Iterator[str]:
-    """The API served by uvicorn on a free loopback port; its base URL."""
+def api(temporal_target: str, tmp_path: Path) -> Iterator[tuple[str, str]]:
+    """The API served by uvicorn on a free loopback port with a core worker: its base URL and
+    an admin key."""
     app_settings = Settings(
         _env_file=None,
         data_dir=tmp_path / "data",
@@ -76,30 +63,9 @@ def api_url(temporal_target: str, tmp_path: Path) -> Iterator[str]:
         log_format="console",
         log_level="WARNING",
     )
-    server = uvicorn.Server(
-        uvicorn.Config(
-            create_app(app_settings),
-            host=app_settings.api_host,
-            port=app_settings.api_port,
-            log_config=None,
-            access_log=False,
-        )
-    )
-    # Its own thread and event loop: schemathesis calls it synchronously, as any client would.
-    thread = threading.Thread(
-        target=asyncio.run, args=(_serve(server, app_settings),), name="api", daemon=True
-    )
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not server.started:
-        assert thread.is_alive(), "the API did not start"
-        assert time.monotonic() < deadline, "the API did not start within 60 s"
-        time.sleep(0.05)
-    try:
-        yield f"http://{app_settings.api_host}:{app_settings.api_port}"
-    finally:
-        server.should_exit = True
-        thread.join(30)
+    key = asyncio.run(issue_admin_key(app_settings))
+    with served_api(app_settings) as url:
+        yield url, key
 
 
 def _failures(schema: schemathesis.BaseSchema) -> list[str]:
@@ -120,8 +86,10 @@ def _failures(schema: schemathesis.BaseSchema) -> list[str]:
     return sorted(set(found))
 
 
-def test_every_response_is_declared_and_conforms(api_url: str) -> None:
+def test_every_response_is_declared_and_conforms(api: tuple[str, str]) -> None:
+    api_url, key = api
     ready = httpx.get(f"{api_url}/readyz", timeout=10)
     assert ready.status_code == 503 and ready.json()["missing"] == ["experts"]
-    failures = _failures(schemathesis.openapi.from_url(f"{api_url}/openapi.json", config=CONFIG))
+    schema = schemathesis.openapi.from_url(f"{api_url}/openapi.json", config=_config(key))
+    failures = _failures(schema)
     assert not failures, f"{len(failures)} failures:\n" + "\n".join(failures)

@@ -23,10 +23,11 @@ from cli.main import (
     EXIT_UNREACHABLE,
     EXIT_USAGE,
 )
-from tests.conftest import running
+from tests.conftest import api_client, bearer, running
 from workers.core import build_core_worker
 from workers.node import NodeSpec, build_node, register
 from workflows.task import TaskWorkflow
+from xpando.auth.keys import KEY_RE, Scope
 from xpando.contracts import TaskInput
 from xpando.db import SessionFactory
 from xpando.settings import Settings
@@ -87,6 +88,31 @@ def _one_line(stderr: str) -> str:
             {"XPANDO_API_PORT": "eighty"},
             EXIT_USAGE,
             ["invalid setting XPANDO_API_PORT", "environment or .env"],
+        ),
+        # API keys: an unknown scope, an expiry that is neither a duration nor a date, no key.
+        (
+            ("keys", "create", "--name", "ci", "--scope", "tasks:read,everything"),
+            {},
+            EXIT_USAGE,
+            ["unknown scope 'everything'", "tasks:write"],
+        ),
+        (
+            ("keys", "create", "--name", "ci", "--scope", "admin", "--expires", "soon"),
+            {},
+            EXIT_USAGE,
+            ["--expires 'soon': give a duration (90d"],
+        ),
+        (
+            ("keys", "create", "--name", "no spaces", "--scope", "admin"),
+            {},
+            EXIT_USAGE,
+            ["invalid name 'no spaces'"],
+        ),
+        (
+            ("keys", "revoke", "0123456789ab"),
+            {},
+            EXIT_NOT_FOUND,
+            ["no API key '0123456789ab'", "xpando keys list"],
         ),
         # Temporal unreachable, for a one-shot command and for a worker.
         (
@@ -250,3 +276,32 @@ def test_chain_init_says_what_it_does(tmp_path: Path) -> None:
     assert out.returncode == 0, out.stderr
     assert out.stderr.startswith("xpando: chain init: opening the embedded chain in")
     assert "embedded chain created" in out.stdout
+
+
+async def test_keys_are_created_listed_and_revoked_from_the_command_line(
+    tmp_path: Path, settings: Settings
+) -> None:
+    env = _env(tmp_path, XPANDO_DATABASE_URL=settings.database_dsn)
+    args = "keys create --name ci --scope tasks:read --scope nodes:read,tasks:write --expires 30d"
+    created = await _xpando_async(*args.split(), env=env)
+    assert created.returncode == 0, created.stderr
+    key = created.stdout.strip()
+    found = KEY_RE.match(key)
+    assert found is not None  # stdout is the key alone, for KEY=$(xpando keys create ...)
+    note = _one_line(created.stderr)
+    assert f"created API key {found['key_id']} for 'ci'" in note and "shown once" in note
+    assert "tasks:write, tasks:read, nodes:read" in note
+
+    async with api_client(settings, Scope.ADMIN) as http:
+        assert (await http.get("/v1/nodes", headers=bearer(key))).status_code == 200
+        listed = await _xpando_async("keys", "list", env=env)
+        assert listed.returncode == 0 and found["secret"] not in listed.stdout
+        row = next(line for line in listed.stdout.splitlines() if found["key_id"] in line)
+        assert row.split()[1:3] == ["ci", "active"] and "tasks:write,tasks:read,nodes:read" in row
+
+        revoked = await _xpando_async("keys", "revoke", found["key_id"], env=env)
+        assert (
+            revoked.returncode == 0 and f"revoked API key {found['key_id']} (ci)" in revoked.stdout
+        )
+        refused = await http.get("/v1/nodes", headers=bearer(key))
+        assert refused.status_code == 401 and "revoked" in refused.json()["error"]["message"]

@@ -48,6 +48,11 @@ def _alive(pid: int) -> bool:
     return state != "Z"
 
 
+def _auth(data_dir: Path) -> dict[str, str]:
+    """The admin key ``xpando dev`` keeps in the data folder, as the README's curl lines use it."""
+    return {"Authorization": f"Bearer {(data_dir / 'dev-api-key').read_text().strip()}"}
+
+
 @contextmanager
 def dev_network(
     data_dir: Path, env: dict[str, str]
@@ -72,7 +77,7 @@ def dev_network(
             time.sleep(0.2)
         ready = httpx.get(f"{base}/readyz", timeout=5)
         assert ready.status_code == 200, ready.text
-        nodes = httpx.get(f"{base}/v1/nodes", timeout=5).json()["nodes"]
+        nodes = httpx.get(f"{base}/v1/nodes", headers=_auth(data_dir), timeout=5).json()["nodes"]
         assert len(nodes) == int(env["XPANDO_DEV_NODES"]) and all(n["live"] for n in nodes)
         yield proc, base
     finally:
@@ -85,11 +90,15 @@ def dev_network(
         log.close()
 
 
-def _wait_task(base: str, task_id: str, timeout: float = 60) -> dict[str, Any]:
+def _wait_task(
+    base: str, task_id: str, auth: dict[str, str], timeout: float = 60
+) -> dict[str, Any]:
     deadline = time.monotonic() + timeout
     stages = []
     while time.monotonic() < deadline:
-        view: dict[str, Any] = httpx.get(f"{base}/v1/tasks/{task_id}", timeout=5).json()
+        view: dict[str, Any] = httpx.get(
+            f"{base}/v1/tasks/{task_id}", headers=auth, timeout=5
+        ).json()
         stages.append(view.get("stage"))
         if view["status"] != "running":
             return view
@@ -113,7 +122,17 @@ def test_make_run_network_end_to_end(tmp_path: Path) -> None:
 
     with dev_network(data_dir, env) as (proc, base):
         spawned = _children(proc.pid)
-        nodes = httpx.get(f"{base}/v1/nodes").json()["nodes"]
+        # The first start made an admin key, readable by its owner only, and printed it once
+        # (in the banner, never in a log line).
+        key_file = data_dir / "dev-api-key"
+        assert key_file.stat().st_mode & 0o777 == 0o600
+        key = key_file.read_text().strip()
+        output = (data_dir.parent / "dev.log").read_text()
+        assert output.count(key) == 1 and f"API key        {key}" in output
+        auth = _auth(data_dir)
+        refused = httpx.get(f"{base}/v1/nodes")
+        assert refused.status_code == 401 and refused.json()["error"]["code"] == "unauthenticated"
+        nodes = httpx.get(f"{base}/v1/nodes", headers=auth).json()["nodes"]
         assert len(nodes) == 4
         assert len({n["region"] for n in nodes}) >= 2
         assert {d["name"] for n in nodes for d in n["domains"]} == {
@@ -126,10 +145,11 @@ def test_make_run_network_end_to_end(tmp_path: Path) -> None:
         resp = httpx.post(
             f"{base}/v1/tasks",
             json={"prompt": "How do I set a retry policy with maximum attempts on an activity?"},
+            headers=auth,
         )
         assert resp.status_code == 202
         task_id = resp.json()["task_id"]
-        view = _wait_task(base, task_id)
+        view = _wait_task(base, task_id, auth)
         assert view["status"] == "completed", view
         assert view["domain"] == "temporal"
         assert "temporalio" in view["answer"]
@@ -165,7 +185,8 @@ def test_make_run_network_end_to_end(tmp_path: Path) -> None:
     orphans = [pid for pid in spawned if _alive(pid)]
     assert orphans == [], f"processes left running after SIGTERM: {orphans}"
 
-    # A second start reuses the data folder: the earlier task is still there.
+    # A second start reuses the data folder: the earlier task is still there, and so is the key.
     with dev_network(data_dir, env) as (_, base):
-        again = httpx.get(f"{base}/v1/tasks/{task_id}").json()
+        assert key_file.read_text().strip() == key
+        again = httpx.get(f"{base}/v1/tasks/{task_id}", headers=auth).json()
         assert again["status"] == "completed" and again["answer"] == view["answer"]

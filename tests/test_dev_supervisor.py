@@ -23,7 +23,7 @@ import pytest
 
 from cli.devserver import dev_server_env
 from tests.conftest import free_port
-from tests.test_dev_e2e import _alive, _children, _wait_task, dev_network
+from tests.test_dev_e2e import _alive, _auth, _children, _wait_task, dev_network
 
 BURST = 30
 PROMPTS = [
@@ -174,7 +174,9 @@ def test_killed_children_are_restarted_and_tasks_complete_once(tmp_path: Path) -
         )
 
         def node_2_live() -> bool:
-            nodes = httpx.get(f"{base}/v1/nodes", timeout=5).json()["nodes"]
+            nodes = httpx.get(f"{base}/v1/nodes", headers=_auth(data_dir), timeout=5).json()[
+                "nodes"
+            ]
             return any(n["node_id"] == "node-2" and n["live"] for n in nodes)
 
         _wait_for("node-2 live", node_2_live)
@@ -199,7 +201,10 @@ def test_killed_children_are_restarted_and_tasks_complete_once(tmp_path: Path) -
                 ).fetchone()
                 return int(done)
 
-        with httpx.Client(base_url=base, timeout=30) as client, ThreadPoolExecutor(10) as pool:
+        with (
+            httpx.Client(base_url=base, headers=_auth(data_dir), timeout=30) as client,
+            ThreadPoolExecutor(10) as pool,
+        ):
             task_ids = list(pool.map(lambda i: _submit(client, i), range(BURST)))
         killed_at = time.monotonic()
         exited, figures["core-worker: kill → /readyz 200"], done = _kill_and_recover(
@@ -208,7 +213,7 @@ def test_killed_children_are_restarted_and_tasks_complete_once(tmp_path: Path) -
         assert exited["exit"] == "killed by SIGKILL"
         assert isinstance(done, int) and done < BURST, "every task had finished before the kill"
         figures["tasks in flight at the kill"] = BURST - done
-        views = [_wait_task(base, t, timeout=120) for t in task_ids]
+        views = [_wait_task(base, t, _auth(data_dir), timeout=120) for t in task_ids]
         figures["core-worker: kill → all tasks completed"] = time.monotonic() - killed_at
         assert [v["status"] for v in views] == ["completed"] * BURST, [
             (v["task_id"], v.get("error")) for v in views if v["status"] != "completed"

@@ -9,19 +9,18 @@ from contextlib import AsyncExitStack, asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-import httpx
 from sqlalchemy.ext.asyncio import AsyncEngine
 from temporalio import activity
 from temporalio.api.enums.v1 import EventType
 from temporalio.client import Client, WorkflowHandle
 from temporalio.worker import Worker
 
-from api.main import create_app
-from tests.conftest import offline_network, wait_for, wait_live
+from tests.conftest import api_client, offline_network, wait_for, wait_live
 from workers.core import build_core_worker
 from workers.wiring import build_knowledge_index
 from workflows.knowledge import KnowledgeWorkflow
 from workflows.task import TaskWorkflow
+from xpando.auth.keys import Scope
 from xpando.contracts import (
     AnswerInput,
     ConsolidateInput,
@@ -125,14 +124,11 @@ async def test_paraphrase_is_answered_from_knowledge_and_different_questions_are
         assert planet.domain == "astronomy"
 
         # The API finds the item and shows its provenance and use.
-        app = create_app(settings)
-        async with app.router.lifespan_context(app):
-            transport = httpx.ASGITransport(app=app)
-            async with httpx.AsyncClient(transport=transport, base_url="http://t") as http:
-                found = (await http.get("/v1/knowledge", params={"q": PARAPHRASE})).json()
-                item = (await http.get(f"/v1/knowledge/kn-{first.task_id}")).json()
-                missing = await http.get("/v1/knowledge/kn-nope")
-                view = (await http.get(f"/v1/tasks/{reused.task_id}")).json()
+        async with api_client(settings, Scope.KNOWLEDGE_READ, Scope.TASKS_READ) as http:
+            found = (await http.get("/v1/knowledge", params={"q": PARAPHRASE})).json()
+            item = (await http.get(f"/v1/knowledge/kn-{first.task_id}")).json()
+            missing = await http.get("/v1/knowledge/kn-nope")
+            view = (await http.get(f"/v1/tasks/{reused.task_id}")).json()
     hits = {i["knowledge_id"]: i for i in found["items"]}
     assert hits[f"kn-{first.task_id}"]["similarity"] > 0.8
     assert hits[f"kn-{first.task_id}"]["question"] == ORIGINAL

@@ -12,17 +12,17 @@ from typing import Any
 
 import httpx
 import pytest
-from fastapi import FastAPI
 from solders.keypair import Keypair
 from sqlalchemy.ext.asyncio import AsyncEngine
 from temporalio.client import Client, WorkflowFailureError
 from temporalio.common import WorkflowIDConflictPolicy
 from temporalio.exceptions import ApplicationError
 
-from api.main import create_app
+from tests.conftest import api_client
 from workers.core import build_core_worker
 from workers.node import deregister, register, registration_id, submit
 from workflows.node_registration import NodeRegistrationWorkflow
+from xpando.auth.keys import Scope
 from xpando.contracts import NodeAction, NodeDomain, NodeProfile, RegisterNodeInput
 from xpando.db import SessionFactory, queries, session_factory
 from xpando.embedding import HashingEmbedder
@@ -54,11 +54,9 @@ def _body(request: Any) -> dict[str, Any]:
 
 @pytest.fixture
 async def api(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
-    app: FastAPI = create_app(settings)
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://xpando.test") as http:
-            yield http
+    # Registration needs no key (the node signs it); the key is for reading the node list.
+    async with api_client(settings, Scope.NODES_READ) as http:
+        yield http
 
 
 def _code(resp: httpx.Response) -> str:

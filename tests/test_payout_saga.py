@@ -6,13 +6,12 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from fastapi import FastAPI
 from solders.hash import Hash
 from solders.keypair import Keypair
 from solders.message import MessageV0
@@ -30,8 +29,7 @@ from temporalio.client import Client, WorkflowHandle
 from temporalio.service import RPCError
 from temporalio.worker import Worker
 
-from api.main import create_app
-from tests.conftest import wait_for
+from tests.conftest import api_client, bearer, issue_key, wait_for
 from tests.payout_support import (
     PayNode,
     accrue,
@@ -46,6 +44,7 @@ from tests.payout_support import (
 from workers.core import build_core_worker
 from workers.payouts import build_payout_activities
 from workflows.payout import PayoutSagaWorkflow
+from xpando.auth.keys import KEY_RE, Scope
 from xpando.chain import (
     ChainHandle,
     LiteSvmChain,
@@ -105,23 +104,15 @@ def core_worker(
 ApiFactory = Callable[[Settings], AbstractAsyncContextManager[httpx.AsyncClient]]
 
 
-@asynccontextmanager
-async def _api(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
-    app: FastAPI = create_app(settings)
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://xpando.test") as http:
-            yield http
-
-
 @pytest.fixture
 def api_factory() -> ApiFactory:
-    return _api
+    """The API with an admin key (named ``test-admin``) for settings of the test's own."""
+    return api_client
 
 
 @pytest.fixture
 async def api(psettings: Settings) -> AsyncIterator[httpx.AsyncClient]:
-    async with _api(psettings) as http:
+    async with api_client(psettings) as http:
         yield http
 
 
@@ -231,32 +222,53 @@ async def test_above_the_threshold_an_epoch_waits_for_an_approval_through_the_ap
     nodes = await register_nodes(sessions, 3)
     epoch = fresh_epoch()
     await accrue(sessions, epoch, {n.node_id: 0.5 for n in nodes})
+    # The API's own key (test-admin) settles; alice and bob may approve; an auditor may read.
+    alice = bearer(await issue_key(sessions, Scope.PAYOUTS_APPROVE, name="alice"))
+    bob = bearer(await issue_key(sessions, Scope.PAYOUTS_APPROVE, name="bob"))
+    auditor = bearer(await issue_key(sessions, Scope.PAYOUTS_READ, name="auditor"))
+    approve = f"/v1/payouts/epochs/{epoch}/approve"
     async with api_factory(s) as api, core_worker(client, s, sessions):
-        early = await api.post(f"/v1/payouts/epochs/{epoch}/approve", json={"approver": "alice"})
+        early = await api.post(approve, headers=alice)
         assert early.status_code == 404 and early.json()["error"]["code"] == "epoch_not_settling"
         assert (await api.post(f"/v1/payouts/epochs/{epoch}/settle")).status_code == 202
         await _wait_stage(client, epoch, PayoutStage.AWAITING_APPROVAL)
-        waiting = (await api.get(f"/v1/payouts/epochs/{epoch}")).json()
+        waiting = (await api.get(f"/v1/payouts/epochs/{epoch}", headers=auditor)).json()
         assert waiting["status"] == "awaiting_approval" and waiting["approval_required"]
         assert waiting["stage"] == "awaiting_approval" and waiting["paid"] == 0
-        blank = await api.post(f"/v1/payouts/epochs/{epoch}/approve", json={"approver": "  "})
-        assert blank.status_code == 422
-        # surrounding whitespace is not part of the approver the saga records
-        ok = await api.post(f"/v1/payouts/epochs/{epoch}/approve", json={"approver": " alice "})
+        # A reader cannot approve; the key that settled the epoch may not approve it.
+        read_only = await api.post(approve, headers=auditor)
+        assert read_only.status_code == 403 and read_only.json()["error"]["code"] == "forbidden"
+        assert "'payouts:approve'" in read_only.json()["error"]["message"]
+        own = await api.post(approve)
+        assert own.status_code == 403
+        assert own.json()["error"]["code"] == "separate_approver_required"
+        # No one names the approver: the body has no such field.
+        named = await api.post(approve, json={"approver": "mallory"}, headers=alice)
+        assert named.status_code == 422
+        assert named.json()["error"]["details"][0]["code"] == "extra_forbidden"
+        ok = await api.post(approve, json={"note": " totals checked "}, headers=alice)
         assert ok.status_code == 200 and ok.json()["approver"] == "alice"
-        twice = await api.post(f"/v1/payouts/epochs/{epoch}/approve", json={"approver": "bob"})
+        twice = await api.post(approve, headers=bob)
         assert twice.status_code == 409
         assert twice.json()["error"]["code"] == "not_awaiting_approval"
         handle = client.get_workflow_handle_for(PayoutSagaWorkflow.run, epoch_workflow_id(epoch))
         result = await handle.result()
         await record_history(handle, "payout_saga_workflow")  # approval update, batches
         view = (await api.get(f"/v1/payouts/epochs/{epoch}")).json()
-        late = await api.post(f"/v1/payouts/epochs/{epoch}/approve", json={"approver": "carol"})
+        late = await api.post(approve, headers=bob)
+        settler = api.headers["Authorization"]
+        # Every event as Temporal stores it: payloads, memo and search attributes, raw.
+        history = b"".join(e.SerializeToString() for e in (await handle.fetch_history()).events)
     assert result.stage == PayoutStage.SETTLED and result.approver == "alice"
     assert result.paid == 3 and result.paid_amount == s.payout_emission
     assert view["status"] == "settled" and view["approver"] == "alice" and view["reconciled"]
     assert view["paid"] == s.payout_emission and view["reserved"] == s.payout_emission
     assert late.status_code == 409
+    # The saga's history names the principal, never a key.
+    assert b'"approver":"alice"' in history
+    for authorization in (*(h["Authorization"] for h in (alice, bob, auditor)), settler):
+        found = KEY_RE.match(authorization.removeprefix("Bearer "))
+        assert found is not None and found["secret"].encode() not in history
 
 
 async def test_an_unapproved_epoch_is_compensated_and_carried_into_the_next(
@@ -428,5 +440,5 @@ async def test_payout_requests_that_cannot_be_served_get_clear_errors(
     assert unknown.status_code == 404 and unknown.json()["error"]["code"] == "node_not_found"
     never = await api.get("/v1/payouts/epochs/12345")
     assert never.status_code == 404 and never.json()["error"]["code"] == "epoch_not_found"
-    extra = await api.post("/v1/payouts/epochs/5/approve", json={"approver": "a", "x": 1})
+    extra = await api.post("/v1/payouts/epochs/5/approve", json={"note": "a", "x": 1})
     assert extra.status_code == 422

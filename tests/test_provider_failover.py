@@ -17,18 +17,17 @@ from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
 import pytest
 from pydantic import SecretStr
 from temporalio.client import Client, WorkflowExecutionStatus, WorkflowFailureError
 from temporalio.exceptions import ApplicationError
 
-from api.main import create_app
 from bench.loopback_providers import DEFAULT_ANSWER, FakeProviders, Fault
-from tests.conftest import wait_for, wait_live
+from tests.conftest import api_client, wait_for, wait_live
 from workers.core import build_core_worker
 from workers.node import build_node_worker, register
 from workflows.task import TaskWorkflow
+from xpando.auth.keys import Scope
 from xpando.breakers import node_key, provider_key
 from xpando.contracts import (
     AnswerPolicy,
@@ -230,11 +229,8 @@ async def test_answers_record_tokens_cost_request_id_and_show_in_the_api(
 ) -> None:
     async with provider_network(client, settings, sessions, fake, _trio("gemini")) as nodes:
         result = await _run(client, settings, k=3)
-        app = create_app(settings)
-        async with app.router.lifespan_context(app):
-            transport = httpx.ASGITransport(app=app)
-            async with httpx.AsyncClient(transport=transport, base_url="http://x.test") as http:
-                view = (await http.get(f"/v1/tasks/{result.task_id}")).json()
+        async with api_client(settings, Scope.TASKS_READ) as http:
+            view = (await http.get(f"/v1/tasks/{result.task_id}")).json()
     assert {c.status for c in result.contributions} == {ContributionStatus.OK}
     for c in result.contributions:
         assert c.input_tokens == len(PROMPT.split()) + 20
@@ -386,28 +382,25 @@ async def test_an_open_breaker_is_skipped_then_probed_once_and_closed(
     settings = _breaker_settings(settings, breaker_cooldown_s=1.5)
     async with provider_network(client, settings, sessions, fake, _trio("gemini")) as nodes:
         primary = nodes["primary"]
-        app = create_app(settings)
-        async with app.router.lifespan_context(app):
-            transport = httpx.ASGITransport(app=app)
-            async with httpx.AsyncClient(transport=transport, base_url="http://x.test") as http:
+        async with api_client(settings, Scope.NODES_READ) as http:
 
-                async def breaker_state() -> str:
-                    listed = (await http.get("/v1/nodes")).json()["nodes"]
-                    row = next(n for n in listed if n["node_id"] == primary.node_id)
-                    assert row["provider_breaker"]["key"] == "provider:gemini@eu-west"
-                    return str(row["breaker"]["state"])
+            async def breaker_state() -> str:
+                listed = (await http.get("/v1/nodes")).json()["nodes"]
+                row = next(n for n in listed if n["node_id"] == primary.node_id)
+                assert row["provider_breaker"]["key"] == "provider:gemini@eu-west"
+                return str(row["breaker"]["state"])
 
-                fake.fail(primary.node_id, Fault.AUTH)
-                await _run(client, settings)
-                assert await breaker_state() == BreakerState.OPEN
-                fake.heal(primary.node_id)
-                skipped = await _run(client, settings)  # still open: not asked at all
-                assert primary.node_id not in {c.node_id for c in skipped.contributions}
-                assert len(fake.calls(node=primary.node_id)) == 1
-                await asyncio.sleep(1.6)
-                assert await breaker_state() == BreakerState.HALF_OPEN
-                probed = await _run(client, settings)  # the probe: asked, answers, closes
-                assert await breaker_state() == BreakerState.CLOSED
+            fake.fail(primary.node_id, Fault.AUTH)
+            await _run(client, settings)
+            assert await breaker_state() == BreakerState.OPEN
+            fake.heal(primary.node_id)
+            skipped = await _run(client, settings)  # still open: not asked at all
+            assert primary.node_id not in {c.node_id for c in skipped.contributions}
+            assert len(fake.calls(node=primary.node_id)) == 1
+            await asyncio.sleep(1.6)
+            assert await breaker_state() == BreakerState.HALF_OPEN
+            probed = await _run(client, settings)  # the probe: asked, answers, closes
+            assert await breaker_state() == BreakerState.CLOSED
     assert {c.node_id for c in probed.contributions} == {primary.node_id}
     assert len(fake.calls(node=primary.node_id)) == 2
 

@@ -15,16 +15,15 @@ from contextlib import AsyncExitStack, asynccontextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 
-import httpx
 from temporalio import activity
 from temporalio.client import Client
 from temporalio.worker import Worker
 
-from api.main import create_app
-from tests.conftest import wait_for, wait_live
+from tests.conftest import api_client, wait_for, wait_live
 from workers.core import build_core_worker
 from workflows.task import TaskWorkflow
 from xpando import breakers
+from xpando.auth.keys import Scope
 from xpando.contracts import (
     AnswerInput,
     AnswerPolicy,
@@ -193,11 +192,9 @@ async def test_reputation_rises_for_good_and_falls_for_bad_contributors(
     good_a, good_b, bad = _ids("good-a", "good-b", "bad")
     experts = Experts(bad=frozenset({bad}))
     seen: dict[str, list[float]] = {good_a: [], good_b: [], bad: []}
-    app = create_app(settings)
     async with (
         network(client, settings, sessions, experts, [good_a, good_b, bad]),
-        app.router.lifespan_context(app),
-        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://x") as http,
+        api_client(settings, Scope.NODES_READ) as http,
     ):
         for _ in range(4):
             result = await _run(client, settings)
@@ -219,11 +216,9 @@ async def test_a_stopped_node_stops_receiving_tasks(
     settings = settings.model_copy(update={"node_liveness_sweep_s": 0.3})
     first, second = _ids("first", "second")
     experts = Experts()
-    app = create_app(settings)
     async with (
         network(client, settings, sessions, experts, [first, second]) as workers,
-        app.router.lifespan_context(app),
-        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://x") as http,
+        api_client(settings, Scope.NODES_READ) as http,
     ):
         before = await _run(client, settings, k=2)
         assert {c.node_id for c in before.contributions} == {first, second}

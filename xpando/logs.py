@@ -9,6 +9,7 @@ from typing import Any
 
 import structlog
 
+from xpando.auth.keys import redact
 from xpando.settings import Settings
 
 
@@ -17,6 +18,17 @@ def _drop_color_message(
 ) -> MutableMapping[str, Any]:
     # uvicorn duplicates the message with ANSI colours in an extra field
     event_dict.pop("color_message", None)
+    return event_dict
+
+
+def _redact_api_keys(
+    _: Any, __: str, event_dict: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
+    # xpando never logs a key; this keeps one out of the logs when a client puts it where it
+    # does not belong, such as a URL (uvicorn's access log prints the whole path and query).
+    for name, value in event_dict.items():
+        if isinstance(value, str):
+            event_dict[name] = redact(value)
     return event_dict
 
 
@@ -47,6 +59,7 @@ def configure_logging(settings: Settings, *, component: str | None = None) -> No
         renderer = structlog.processors.JSONRenderer()
     else:
         renderer = structlog.dev.ConsoleRenderer()
+    shared.append(_redact_api_keys)
 
     structlog.configure(
         processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],

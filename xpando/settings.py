@@ -69,6 +69,12 @@ class Settings(BaseSettings):
     api_public_url: str | None = Field(
         None, description="Base URL used in links; default http://host:port"
     )
+    api_max_body_bytes: int = Field(
+        256 * 1024,
+        ge=1024,
+        le=64 * 1024 * 1024,
+        description="A request body larger than this is refused (413) before it is read",
+    )
 
     # --- tasks --------------------------------------------------------------------------------
     default_k: int = Field(3, ge=1, le=9, description="Experts asked when a task does not say")
@@ -311,6 +317,11 @@ class Settings(BaseSettings):
     )
     payout_approval_timeout_s: float = Field(
         86400.0, gt=0, description="Unapproved epochs are carried over after this long"
+    )
+    payout_approval_separate_key: bool = Field(
+        True,
+        description="An epoch settled through the API is approved only by another key of "
+        "another principal than the one that settled it",
     )
     payout_concurrency: int = Field(4, ge=1, le=64, description="Payout batches in flight")
     payout_batch_size: int = Field(50, ge=1, le=256, description="Payouts per batch activity")

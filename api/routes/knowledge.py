@@ -5,20 +5,26 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Annotated
 
-from fastapi import APIRouter, Path, Query, Request
+from fastapi import APIRouter, Depends, Path, Query, Request
 from pydantic import BeforeValidator
 from temporalio.service import RPCError, RPCStatusCode
 
-from api.deps import SessionDep, SettingsDep, TemporalClientDep
+from api.deps import AuthRoute, SessionDep, SettingsDep, TemporalClientDep, require
 from api.errors import ApiError, responses
 from api.schemas import ID_PATTERN, KnowledgeList, KnowledgeView
 from workflows.knowledge import KnowledgeWorkflow
+from xpando.auth.keys import Scope
 from xpando.contracts import SAFE_TEXT_PATTERN, KnowledgeStats, Provenance, refuse_unsafe_text
 from xpando.db import queries
 from xpando.db.models import Knowledge
 from xpando.mother.knowledge import KnowledgeIndex, effective_confidence, knowledge_workflow_id
 
-router = APIRouter(prefix="/v1/knowledge", tags=["knowledge"])
+router = APIRouter(
+    prefix="/v1/knowledge",
+    tags=["knowledge"],
+    route_class=AuthRoute,
+    dependencies=[Depends(require(Scope.KNOWLEDGE_READ))],
+)
 
 DomainQuery = Annotated[str | None, Query(min_length=1, max_length=64, pattern=r"^[a-z0-9-]+$")]
 
@@ -50,7 +56,7 @@ def _view(item: Knowledge, index: KnowledgeIndex, similarity: float | None = Non
     )
 
 
-@router.get("", response_model=KnowledgeList, responses=responses(422, 503))
+@router.get("", response_model=KnowledgeList, responses=responses(401, 403, 422, 503))
 async def search_knowledge(
     request: Request,
     session: SessionDep,
@@ -79,7 +85,9 @@ async def search_knowledge(
 
 
 @router.get(
-    "/domains/{domain}/stats", response_model=KnowledgeStats, responses=responses(404, 422, 503)
+    "/domains/{domain}/stats",
+    response_model=KnowledgeStats,
+    responses=responses(401, 403, 404, 422, 503),
 )
 async def knowledge_stats(
     domain: Annotated[str, Path(pattern=r"^[a-z0-9-]{1,64}$")],
@@ -98,7 +106,9 @@ async def knowledge_stats(
         raise
 
 
-@router.get("/{knowledge_id}", response_model=KnowledgeView, responses=responses(404, 422))
+@router.get(
+    "/{knowledge_id}", response_model=KnowledgeView, responses=responses(401, 403, 404, 422)
+)
 async def get_knowledge(
     request: Request,
     session: SessionDep,

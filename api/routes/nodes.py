@@ -9,9 +9,9 @@ import time
 from datetime import UTC, datetime
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Path, Query, Response
+from fastapi import APIRouter, Depends, Path, Query, Response
 
-from api.deps import LivenessDep, RegistryDep, SessionDep, SettingsDep
+from api.deps import AuthRoute, LivenessDep, RegistryDep, SessionDep, SettingsDep, require
 from api.errors import ApiError, responses
 from api.schemas import (
     DeregisterNodeBody,
@@ -21,6 +21,7 @@ from api.schemas import (
     Region,
     RegisterNodeBody,
 )
+from xpando.auth.keys import Scope
 from xpando.breakers import node_key, provider_key, view
 from xpando.contracts import NodeDomain, SignedNodeRequest
 from xpando.db import queries
@@ -28,12 +29,17 @@ from xpando.embedding_providers import EmbeddingUnavailable
 from xpando.identity import RegistrationRejected, verify_request
 from xpando.routing.registry import NodeRegistry, Registered
 
-router = APIRouter(prefix="/v1/nodes", tags=["nodes"])
+router = APIRouter(prefix="/v1/nodes", tags=["nodes"], route_class=AuthRoute)
 
 NODE_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"  # as SignedNodeRequest.node_id
 
 
-@router.get("", response_model=NodeList, responses=responses(422, 503))
+@router.get(
+    "",
+    response_model=NodeList,
+    responses=responses(401, 403, 422, 503),
+    dependencies=[Depends(require(Scope.NODES_READ))],
+)
 async def list_nodes(
     session: SessionDep,
     liveness: LivenessDep,
@@ -90,7 +96,7 @@ async def list_nodes(
     status_code=201,
     responses={
         200: {"model": NodeRegistered, "description": "An existing node, updated"},
-        **responses(400, 401, 403, 409, 422, 503),
+        **responses(400, 401, 403, 409, 413, 422, 503),
     },
 )
 async def register_node(
@@ -112,7 +118,7 @@ async def register_node(
 @router.delete(
     "/{node_id}",
     response_model=NodeRegistered,
-    responses=responses(400, 401, 403, 404, 409, 422, 503),
+    responses=responses(400, 401, 403, 404, 409, 413, 422, 503),
 )
 async def deregister_node(
     node_id: Annotated[str, Path(min_length=1, max_length=64, pattern=NODE_ID_PATTERN)],

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from typing import Annotated
 
-from fastapi import APIRouter, Path, Query, Response
+from fastapi import APIRouter, Body, Depends, Path, Query, Response
 from temporalio.client import (
     WorkflowExecutionStatus,
     WorkflowHandle,
@@ -16,7 +16,14 @@ from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
 from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
 
-from api.deps import SessionDep, SettingsDep, TemporalClientDep
+from api.deps import (
+    AuthRoute,
+    PayoutApprover,
+    SessionDep,
+    SettingsDep,
+    TemporalClientDep,
+    require,
+)
 from api.errors import ApiError, responses
 from api.schemas import (
     ApproveBody,
@@ -29,7 +36,9 @@ from api.schemas import (
     SettleAccepted,
 )
 from workflows.payout import PayoutSagaWorkflow
+from xpando.auth.keys import Principal, Scope
 from xpando.contracts_payouts import (
+    ApproveInput,
     ApproveResult,
     PayoutSagaInput,
     PayoutSagaResult,
@@ -41,8 +50,8 @@ from xpando.economy import rewards
 from xpando.logs import get_logger
 from xpando.settings import Settings
 
-router = APIRouter(prefix="/v1/payouts", tags=["payouts"])
-earnings_router = APIRouter(prefix="/v1/nodes", tags=["nodes"])
+router = APIRouter(prefix="/v1/payouts", tags=["payouts"], route_class=AuthRoute)
+earnings_router = APIRouter(prefix="/v1/nodes", tags=["nodes"], route_class=AuthRoute)
 log = get_logger(__name__)
 
 # The last second a datetime holds (9999-12-31T23:59:59Z). The epoch path's bound is the last
@@ -54,6 +63,8 @@ QUERY_TIMEOUT = timedelta(seconds=2)
 # Approval is an update the saga's core worker must accept; with none polling, Temporal would
 # hold the request indefinitely.
 UPDATE_TIMEOUT = timedelta(seconds=10)
+# The saga's memo entry naming who settled it through the API: {"key_id", "name"}.
+SETTLED_BY = "settled_by"
 EpochPath = Annotated[int, Path(ge=0, le=MAX_EPOCH, description="Epoch number")]
 NodeIdPath = Annotated[
     str,
@@ -100,7 +111,12 @@ def _utc(value: datetime | None) -> datetime | None:
     return None if value is None else ledger.utc(value)
 
 
-@router.get("", response_model=PayoutList, responses=responses(422))
+@router.get(
+    "",
+    response_model=PayoutList,
+    responses=responses(401, 403, 422),
+    dependencies=[Depends(require(Scope.PAYOUTS_READ))],
+)
 async def list_payouts(
     session: SessionDep,
     node: Annotated[
@@ -118,7 +134,12 @@ async def list_payouts(
     return PayoutList(payouts=[_view(p) for p in rows], count=len(rows), total=total)
 
 
-@router.get("/epochs/{epoch}", response_model=EpochView, responses=responses(404, 422, 503))
+@router.get(
+    "/epochs/{epoch}",
+    response_model=EpochView,
+    responses=responses(401, 403, 404, 422, 503),
+    dependencies=[Depends(require(Scope.PAYOUTS_READ))],
+)
 async def get_epoch(
     epoch: EpochPath, session: SessionDep, client: TemporalClientDep, settings: SettingsDep
 ) -> EpochView:
@@ -167,14 +188,19 @@ async def get_epoch(
     response_model=SettleAccepted,
     responses={
         200: {"model": SettleAccepted, "description": "The epoch's saga has already completed"},
-        **responses(409, 422, 503),
+        **responses(401, 403, 409, 422, 503),
     },
 )
 async def settle_epoch(
-    epoch: EpochPath, response: Response, client: TemporalClientDep, settings: SettingsDep
+    epoch: EpochPath,
+    principal: PayoutApprover,
+    response: Response,
+    client: TemporalClientDep,
+    settings: SettingsDep,
 ) -> SettleAccepted:
     """Start the epoch's payout saga (idempotent: one saga per epoch; a failed one may be
-    started again and resumes from the ledger)."""
+    started again and resumes from the ledger). The saga remembers who settled it (its memo),
+    so that another principal approves it (XPANDO_PAYOUT_APPROVAL_SEPARATE_KEY)."""
     current = rewards.epoch_of(datetime.now(UTC).timestamp(), settings.payout_epoch_s)
     if epoch >= current:
         _, end = rewards.epoch_bounds(epoch, settings.payout_epoch_s)
@@ -196,6 +222,7 @@ async def settle_epoch(
             task_queue=settings.core_task_queue,
             id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
             id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE_FAILED_ONLY,
+            memo={SETTLED_BY: {"key_id": principal.key_id, "name": principal.name}},
         )
     except WorkflowAlreadyStartedError:
         handle = client.get_workflow_handle_for(PayoutSagaWorkflow.run, workflow_id)
@@ -209,7 +236,7 @@ async def settle_epoch(
         started_now = (datetime.now(UTC) - desc.start_time).total_seconds() < 5
         status = "started" if started_now else "running"
     response.headers["Location"] = f"/v1/payouts/epochs/{epoch}"
-    log.info("epoch settle requested", epoch=epoch, status=status)
+    log.info("epoch settle requested", epoch=epoch, status=status)  # with the principal bound
     return SettleAccepted(
         epoch=epoch,
         workflow_id=workflow_id,
@@ -222,16 +249,25 @@ async def settle_epoch(
 @router.post(
     "/epochs/{epoch}/approve",
     response_model=ApproveResult,
-    responses=responses(400, 404, 409, 422, 503),
+    responses=responses(400, 401, 403, 404, 409, 413, 422, 503),
 )
 async def approve_epoch(
-    epoch: EpochPath, body: ApproveBody, client: TemporalClientDep
+    epoch: EpochPath,
+    principal: PayoutApprover,
+    client: TemporalClientDep,
+    settings: SettingsDep,
+    body: Annotated[ApproveBody | None, Body()] = None,
 ) -> ApproveResult:
-    """Approve an epoch whose total is above the approval threshold (a workflow update)."""
+    """Approve an epoch whose total is above the approval threshold (a workflow update). The
+    approver recorded is the key's principal."""
+    handle = client.get_workflow_handle_for(PayoutSagaWorkflow.run, epoch_workflow_id(epoch))
+    if settings.payout_approval_separate_key:
+        await _refuse_the_settler(handle, epoch, principal)
+    approval = ApproveInput(approver=principal.name, note=body.note if body else "")
     handle = client.get_workflow_handle_for(PayoutSagaWorkflow.run, epoch_workflow_id(epoch))
     try:
         result = await handle.execute_update(
-            PayoutSagaWorkflow.approve, body, rpc_timeout=UPDATE_TIMEOUT
+            PayoutSagaWorkflow.approve, approval, rpc_timeout=UPDATE_TIMEOUT
         )
     except WorkflowUpdateRPCTimeoutOrCancelledError as err:
         raise ApiError(
@@ -255,12 +291,42 @@ async def approve_epoch(
                 404, "epoch_not_settling", f"no payout saga for epoch {epoch}; settle it first"
             ) from err
         raise
-    log.info("epoch approved", epoch=epoch, approver=body.approver)
+    log.info("epoch approved", epoch=epoch, approver=principal.name)
     return result
 
 
+async def _refuse_the_settler(
+    handle: WorkflowHandle[PayoutSagaWorkflow, PayoutSagaResult], epoch: int, approver: Principal
+) -> None:
+    """403 when the approver's key, or its principal, settled the epoch through the API."""
+    try:
+        desc = await handle.describe()
+    except RPCError as err:
+        if err.status == RPCStatusCode.NOT_FOUND:
+            raise ApiError(
+                404, "epoch_not_settling", f"no payout saga for epoch {epoch}; settle it first"
+            ) from err
+        raise
+    if desc.status != WorkflowExecutionStatus.RUNNING:
+        return  # nothing to approve: the update says so (409)
+    settler = (await desc.memo()).get(SETTLED_BY)
+    if not isinstance(settler, dict):
+        return  # started by the Schedule (or by hand in Temporal): no one to keep apart
+    if approver.key_id == settler.get("key_id") or approver.name == settler.get("name"):
+        raise ApiError(
+            403,
+            "separate_approver_required",
+            f"epoch {epoch} was settled by {settler.get('name')!r} (key {settler.get('key_id')}); "
+            "another principal's key with scope 'payouts:approve' must approve it "
+            "(XPANDO_PAYOUT_APPROVAL_SEPARATE_KEY)",
+        )
+
+
 @earnings_router.get(
-    "/{node_id}/earnings", response_model=EarningsView, responses=responses(404, 422)
+    "/{node_id}/earnings",
+    response_model=EarningsView,
+    responses=responses(401, 403, 404, 422),
+    dependencies=[Depends(require(Scope.PAYOUTS_READ))],
 )
 async def node_earnings(
     node_id: NodeIdPath,

@@ -8,23 +8,24 @@ import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Annotated
 
-from fastapi import APIRouter, Header, Path, Response
+from fastapi import APIRouter, Depends, Header, Path, Response
 from temporalio.client import WorkflowExecutionStatus, WorkflowFailureError, WorkflowHandle
 from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
 from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
 
-from api.deps import SessionDep, SettingsDep, TemporalClientDep
+from api.deps import AuthRoute, SessionDep, SettingsDep, TemporalClientDep, require
 from api.errors import ApiError, responses
 from api.schemas import ID_PATTERN, Links, TaskAccepted, TaskCreate, TaskView
 from workflows.task import TaskWorkflow
 from xpando import temporal as sa
+from xpando.auth.keys import Scope
 from xpando.contracts import AggregationStrategy, Contribution, TaskInput, TaskResult
 from xpando.db import queries
 from xpando.logs import get_logger
 from xpando.settings import Settings
 
-router = APIRouter(prefix="/v1/tasks", tags=["tasks"])
+router = APIRouter(prefix="/v1/tasks", tags=["tasks"], route_class=AuthRoute)
 log = get_logger(__name__)
 
 IDEMPOTENCY_KEY = re.compile(r"^[A-Za-z0-9._:-]{1,100}$")
@@ -41,7 +42,11 @@ def _links(settings: Settings, task_id: str) -> Links:
 
 
 @router.post(
-    "", status_code=202, response_model=TaskAccepted, responses=responses(400, 409, 422, 503)
+    "",
+    status_code=202,
+    response_model=TaskAccepted,
+    responses=responses(400, 401, 403, 409, 413, 422, 503),
+    dependencies=[Depends(require(Scope.TASKS_WRITE))],
 )
 async def submit_task(
     body: TaskCreate,
@@ -124,11 +129,16 @@ async def submit_task(
                 f"Idempotency-Key {idempotency_key!r} was already used for a different request",
             )
     response.headers["Location"] = f"/v1/tasks/{task_id}"
-    log.info("task submitted", task_id=task_id, k=k)
+    log.info("task submitted", task_id=task_id, k=k)  # with the principal bound (AuthRoute)
     return TaskAccepted(task_id=task_id, links=_links(settings, task_id))
 
 
-@router.get("/{task_id}", response_model=TaskView, responses=responses(404, 422, 503))
+@router.get(
+    "/{task_id}",
+    response_model=TaskView,
+    responses=responses(401, 403, 404, 422, 503),
+    dependencies=[Depends(require(Scope.TASKS_READ))],
+)
 async def get_task(
     task_id: TaskIdPath, client: TemporalClientDep, session: SessionDep, settings: SettingsDep
 ) -> TaskView:

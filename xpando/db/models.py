@@ -185,3 +185,20 @@ class ReputationEvent(SQLModel, table=True):
     node_id: str = Field(primary_key=True, max_length=64)
     quality: float
     created_at: datetime = _ts()
+
+
+class ApiKey(SQLModel, table=True):
+    """An API key (``xpando/auth/keys.py``): its id, its principal and scopes, and the SHA-256
+    digest of the key — never the key itself. A revoked key keeps its row, so an approval or a
+    log line that names its id still says whose it was."""
+
+    __tablename__ = "api_keys"
+
+    key_id: str = Field(primary_key=True, max_length=16)
+    name: str = Field(index=True, max_length=64)  # the principal: who uses it
+    scopes: list[str] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    digest: str = Field(max_length=64)
+    created_by: str | None = Field(default=None, max_length=64)
+    created_at: datetime = _ts()
+    expires_at: datetime | None = _ts(nullable=True)
+    revoked_at: datetime | None = _ts(nullable=True)
