@@ -7,14 +7,13 @@ from __future__ import annotations
 import asyncio
 import base64
 import time
-from collections.abc import Awaitable, Callable, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
 from solders.pubkey import Pubkey
-from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
 from xpando.chain import (
@@ -39,10 +38,10 @@ from xpando.db.ledger_models import Payout
 from xpando.economy import rewards
 from xpando.logs import get_logger
 from xpando.settings import Settings
+from xpando.temporal import heartbeating
 
 log = get_logger(__name__)
 
-HEARTBEAT_EVERY_S = 1.0
 MAX_SIGNING_ROUNDS = 8  # re-signs within one attempt before handing back to Temporal's retry
 MAX_POLL_BACKOFF_S = 5.0
 COMMITMENT_RANK = {"processed": 0, "confirmed": 1, "finalized": 2}
@@ -386,17 +385,10 @@ async def signature_statuses(
 
 
 @asynccontextmanager
-async def heartbeating() -> Any:
-    """Heartbeat every second while the body runs, so a dead worker is noticed quickly and a
-    slow RPC call does not look like one."""
-
-    async def beat() -> None:
-        while True:
-            activity.heartbeat()
-            await asyncio.sleep(HEARTBEAT_EVERY_S)
-
-    task = asyncio.create_task(beat())
-    try:
+async def payout_step(what: str, *, heartbeat: bool = True) -> AsyncIterator[None]:
+    """The body of a payout activity: it heartbeats while it runs (a step whose length grows
+    with the epoch or waits on the chain; the saga gives it a short heartbeat timeout)."""
+    async with AsyncExitStack() as stack:
+        if heartbeat:
+            await stack.enter_async_context(heartbeating())
         yield
-    finally:
-        task.cancel()
