@@ -36,7 +36,6 @@ from temporalio.exceptions import ApplicationError
 from xpando.chain import (
     Chain,
     ChainHandle,
-    ChainNotInitialized,
     OnChainTransfer,
     SignatureStatus,
     failure_reason,
@@ -99,12 +98,8 @@ class PayoutActivities:
     # --- helpers --------------------------------------------------------------------------------
 
     async def _get_chain(self) -> Chain:
-        try:
-            return await self._chain.get()
-        except ChainNotInitialized as err:
-            raise ApplicationError(
-                str(err), type="ChainNotInitialized", non_retryable=True
-            ) from err
+        chain: Chain = await chain_call(self._chain.get)
+        return chain
 
     def _current_epoch(self) -> int:
         return rewards.epoch_of(self._clock().timestamp(), self._config.epoch_s)

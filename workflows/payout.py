@@ -54,6 +54,7 @@ with workflow.unsafe.imports_passed_through():
         ReserveResult,
         epoch_workflow_id,
     )
+    from xpando.db.errors import REFUSAL_TYPES
 
 # A worker that dies during a step is noticed in seconds, never when a minutes-long timeout
 # expires. Steps whose work grows with the epoch or waits on the chain (finding the due epochs,
@@ -66,22 +67,33 @@ LEDGER_TIMEOUT = timedelta(seconds=10)
 SCAN_TIMEOUT = timedelta(minutes=5)  # ledger scans and the reconciliation's chain scan
 PAY_BATCH_TIMEOUT = timedelta(minutes=10)
 COMPENSATE_TIMEOUT = timedelta(minutes=2)
-# Retried until they land: every write is idempotent.
+# What no retry can fix fails the step at once (raised non-retryable with these types by the
+# activities; listed here too, so the policy reads whole): an epoch not ended or settled by
+# another saga, a chain not set up, a transaction the chain refused, a value the database
+# refuses. A chain that is unavailable, a concurrent writer, or a dead worker is retried until
+# the step lands: every write is idempotent.
+BUSINESS_ERRORS = [
+    "EpochNotEnded",
+    "EpochAlreadySettling",
+    "ChainNotInitialized",
+    "TransactionRejected",
+    *REFUSAL_TYPES,
+]
 LEDGER_RETRY = RetryPolicy(
     initial_interval=timedelta(milliseconds=500),
     maximum_interval=timedelta(seconds=30),
-    non_retryable_error_types=["EpochNotEnded", "EpochAlreadySettling", "ChainNotInitialized"],
+    non_retryable_error_types=BUSINESS_ERRORS,
 )
 PAY_RETRY = RetryPolicy(
     initial_interval=timedelta(milliseconds=500),
     maximum_interval=timedelta(seconds=10),
-    non_retryable_error_types=["ChainNotInitialized"],
+    non_retryable_error_types=BUSINESS_ERRORS,
 )
 # Compensation waits (by retrying) until in-flight transactions have landed or expired.
 COMPENSATE_RETRY = RetryPolicy(
     initial_interval=timedelta(seconds=1),
     maximum_interval=timedelta(seconds=10),
-    non_retryable_error_types=["ChainNotInitialized"],
+    non_retryable_error_types=BUSINESS_ERRORS,
 )
 
 

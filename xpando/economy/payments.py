@@ -20,7 +20,6 @@ from xpando.chain import (
     READ_ATTEMPTS,
     Chain,
     ChainError,
-    ChainNotInitialized,
     ChainUnavailable,
     OnChainTransfer,
     SignatureStatus,
@@ -34,6 +33,7 @@ from xpando.contracts_payouts import (
     PayoutFailure,
 )
 from xpando.db import SessionFactory, ledger
+from xpando.db.errors import fail_fast
 from xpando.db.ledger_models import Payout
 from xpando.economy import rewards
 from xpando.logs import get_logger
@@ -348,7 +348,10 @@ def paid_state(status: SignatureStatus) -> str:
 
 
 async def chain_call(fn: Callable[[], Awaitable[Any]]) -> Any:
-    """A chain call whose failure becomes a Temporal ApplicationError with a type."""
+    """A chain call whose failure becomes a Temporal ApplicationError typed after it: an
+    unavailable chain (timeout, rate limit, connection) is retried, honouring Retry-After; what
+    the chain refuses or lacks (``ChainNotInitialized``, ``TransactionRejected``) is not, as no
+    retry would change the answer."""
     try:
         return await fn()
     except ChainUnavailable as err:
@@ -357,10 +360,10 @@ async def chain_call(fn: Callable[[], Awaitable[Any]]) -> Any:
             type="ChainUnavailable",
             next_retry_delay=(timedelta(seconds=err.retry_after_s) if err.retry_after_s else None),
         ) from err
-    except ChainNotInitialized as err:
-        raise ApplicationError(str(err), type="ChainNotInitialized", non_retryable=True) from err
     except ChainError as err:
-        raise ApplicationError(str(err), type="ChainError") from err
+        raise ApplicationError(
+            str(err), type=type(err).__name__, non_retryable=not err.retryable
+        ) from err
 
 
 async def fetch_transfer(chain: Chain, signature: str) -> OnChainTransfer | None:
@@ -387,8 +390,11 @@ async def signature_statuses(
 @asynccontextmanager
 async def payout_step(what: str, *, heartbeat: bool = True) -> AsyncIterator[None]:
     """The body of a payout activity: it heartbeats while it runs (a step whose length grows
-    with the epoch or waits on the chain; the saga gives it a short heartbeat timeout)."""
+    with the epoch or waits on the chain; the saga gives it a short heartbeat timeout), and a
+    value the database refuses fails it at once instead of on every retry
+    (``xpando/db/errors.py``)."""
     async with AsyncExitStack() as stack:
         if heartbeat:
             await stack.enter_async_context(heartbeating())
+        stack.enter_context(fail_fast(what))
         yield
