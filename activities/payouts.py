@@ -62,7 +62,9 @@ from xpando.contracts_payouts import (
 from xpando.db import SessionFactory, ledger
 from xpando.economy import rewards
 from xpando.economy.payments import (
+    FINISHING,
     RECONCILE_LOOKBACK,
+    RECONCILING,
     BatchPayment,
     PayoutConfig,
     PayoutHooks,
@@ -318,6 +320,7 @@ class PayoutActivities:
                 for t in transfers
                 if t.err is None and t.transfer.memo and t.transfer.memo.startswith(prefix)
             ]
+            await self._hooks.at(RECONCILING, [r.payout_id for r in paid])
             by_sig = {t.signature: t for t in ours}
             memo_count: dict[str, int] = {}
             for t in ours:
@@ -387,6 +390,7 @@ class PayoutActivities:
     @activity.defn(name="payout_finish")
     async def finish(self, input: FinishEpochInput) -> FinishEpochResult:
         async with payout_step(f"finish epoch {input.epoch}", heartbeat=False):
+            await self._hooks.at(FINISHING, [])
             async with self._sessions() as session:
                 summary = await ledger.summarize(session=session, epoch=input.epoch)
                 paid = summary.get("confirmed_count", 0) + summary.get("finalized_count", 0)

@@ -79,12 +79,14 @@ class PayoutConfig:
         )
 
 
-# Step boundaries where tests inject faults (kill the worker, drain the treasury, ...).
+# Step boundaries where tests inject faults (kill the worker, drain the treasury, ...): in
+# ``pay_batch``, then in the saga's last two steps.
 START, AFTER_SIGN, AFTER_SEND, CONFIRMING = "start", "after_sign", "after_send", "confirming"
+RECONCILING, FINISHING = "reconciling", "finishing"
 
 
 class PayoutHooks:
-    """Called at each step boundary of ``pay_batch``; production uses this no-op."""
+    """Called at each step boundary (above); production uses this no-op."""
 
     async def at(self, boundary: str, payout_ids: Sequence[str]) -> None:
         return None
