@@ -24,6 +24,7 @@ from datetime import timedelta
 
 from temporalio.worker import Worker
 
+from workers.core import STICKY_QUEUE_TIMEOUT
 from workers.payouts import build_payout_activities, payout_activity_methods
 from workflows.payout import PayoutSagaWorkflow
 from xpando import temporal
@@ -73,6 +74,7 @@ async def main(argv: Sequence[str]) -> None:
         workflows=[PayoutSagaWorkflow],
         activities=payout_activity_methods(payouts),
         graceful_shutdown_timeout=timedelta(seconds=1),
+        sticky_queue_schedule_to_start_timeout=STICKY_QUEUE_TIMEOUT,  # as the core worker's
     )
     print("polling", flush=True)
     await worker.run()
