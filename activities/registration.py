@@ -9,7 +9,7 @@ from xpando.contracts import RegisterNodeInput, RegisterNodeResult, node_task_qu
 from xpando.db.errors import fail_fast
 from xpando.identity import RegistrationRejected
 from xpando.routing.registry import NodeRegistry
-from xpando.temporal import NodeLiveness
+from xpando.temporal import NodeLiveness, heartbeating
 
 
 class RegistrationActivities:
@@ -32,15 +32,17 @@ class RegistrationActivities:
                 non_retryable=True,
             )
         info = activity.info()
-        with fail_fast(f"register node {input.signed.node_id}"):  # a value the database refuses
-            try:
-                done = await self._registry.apply_idempotent(
-                    input.signed,
-                    received_at=input.received_at,
-                    origin=f"{info.workflow_id}/{info.workflow_run_id}",
-                )
-            except RegistrationRejected as err:
-                raise ApplicationError(err.message, type=err.type, non_retryable=True) from err
+        # Heartbeats: embedding the node's domains may take a while (a model loading).
+        async with heartbeating():
+            with fail_fast(f"register node {input.signed.node_id}"):  # a value the db refuses
+                try:
+                    done = await self._registry.apply_idempotent(
+                        input.signed,
+                        received_at=input.received_at,
+                        origin=f"{info.workflow_id}/{info.workflow_run_id}",
+                    )
+                except RegistrationRejected as err:
+                    raise ApplicationError(err.message, type=err.type, non_retryable=True) from err
         self._liveness.forget(node_task_queue(done.node_id))
         return RegisterNodeResult(
             node_id=done.node_id,

@@ -8,21 +8,32 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from datetime import timedelta
 
 import pytest
 from pydantic import SecretStr
 from solders.keypair import Keypair
 from solders.pubkey import Pubkey
 from temporalio.client import Client
+from temporalio.exceptions import ApplicationError
 
 from tests.fakes.solana_rpc import LoopbackSolanaRpc, RpcFaults
 from tests.payout_support import accrue, fresh_epoch, payout_settings, register_nodes, settle
 from workers.core import build_core_worker
 from workers.payouts import build_payout_activities
-from xpando.chain import ChainHandle, RpcChain, SvmLedger, bootstrap_treasury
+from xpando.chain import (
+    ChainHandle,
+    ChainNotInitialized,
+    ChainUnavailable,
+    RpcChain,
+    SvmLedger,
+    TransactionRejected,
+    bootstrap_treasury,
+)
 from xpando.contracts_payouts import PayoutStage
 from xpando.db import SessionFactory, ledger
 from xpando.db.ledger_models import Payout
+from xpando.economy.payments import chain_call
 from xpando.settings import Settings
 
 SUPPLY = 10**12
@@ -137,3 +148,28 @@ async def test_a_dropped_send_is_rebroadcast_and_a_lost_response_is_not_paid_aga
     assert rpc_env.faults.counts == {"drop": 1, "lost_response": 1}
     assert {p.payout_id: 1 for p in rows} == dict(transfers)
     assert all(p.signatures == [p.signature] for p in rows)  # same bytes, re-sent
+
+
+async def test_what_the_chain_refuses_fails_a_step_at_once_an_unavailable_chain_is_retried() -> (
+    None
+):
+    async def refused() -> None:
+        raise TransactionRejected({"InstructionError": [0, {"Custom": 1}]})
+
+    async def not_set_up() -> None:
+        raise ChainNotInitialized("no treasury key: run `xpando chain init`")
+
+    async def rate_limited() -> None:
+        raise ChainUnavailable("RPC answered HTTP 429 (rate limited)", retry_after_s=3.0)
+
+    failures: list[ApplicationError] = []
+    for call in (refused, not_set_up, rate_limited):
+        with pytest.raises(ApplicationError) as failed:
+            await chain_call(call)
+        failures.append(failed.value)
+    assert [(f.type, f.non_retryable) for f in failures] == [
+        ("TransactionRejected", True),
+        ("ChainNotInitialized", True),
+        ("ChainUnavailable", False),
+    ]
+    assert failures[2].next_retry_delay == timedelta(seconds=3)  # the RPC's Retry-After

@@ -33,6 +33,11 @@ from xpando.settings import Settings
 log = get_logger(__name__)
 
 WORKFLOWS = [TaskWorkflow, NodeRegistrationWorkflow, PayoutSagaWorkflow, KnowledgeWorkflow]
+# A workflow's next task goes first to the queue of the worker that ran its last one (its cache).
+# When that worker has died, the server moves the task to the shared queue after this long: the
+# SDK's default (10 s) was most of the time a crashed core worker cost each of its workflows.
+# A live worker takes its tasks at once; one too busy for this long costs a replay, not a failure.
+STICKY_QUEUE_TIMEOUT = timedelta(seconds=3)
 
 
 def build_core_worker(
@@ -81,6 +86,7 @@ def build_core_worker(
             *payout_activity_methods(payouts),
         ],
         graceful_shutdown_timeout=timedelta(seconds=10),
+        sticky_queue_schedule_to_start_timeout=STICKY_QUEUE_TIMEOUT,
     )
 
 

@@ -20,7 +20,11 @@ with workflow.unsafe.imports_passed_through():
     from activities.registration import RegistrationActivities
     from xpando.contracts import RegisterNodeInput, RegisterNodeResult
 
+# Registering may embed the node's domains first (a model in a thread, or a provider call), so
+# the step heartbeats while it runs: a core worker that dies during it is noticed within
+# REGISTER_HEARTBEAT; the start-to-close timeout only bounds one that hangs.
 REGISTER_TIMEOUT = timedelta(seconds=30)
+REGISTER_HEARTBEAT = timedelta(seconds=5)
 REGISTER_RETRY = RetryPolicy(maximum_interval=timedelta(seconds=30))
 
 
@@ -35,6 +39,7 @@ class NodeRegistrationWorkflow:
                 RegistrationActivities.register_node,
                 input,
                 start_to_close_timeout=REGISTER_TIMEOUT,
+                heartbeat_timeout=REGISTER_HEARTBEAT,
                 retry_policy=REGISTER_RETRY,
             )
         except ActivityError as err:

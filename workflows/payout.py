@@ -54,30 +54,47 @@ with workflow.unsafe.imports_passed_through():
         ReserveResult,
         epoch_workflow_id,
     )
+    from xpando.db.errors import REFUSAL_TYPES
 
-# Ledger steps: short, retried until they land (their writes are idempotent).
-LEDGER_TIMEOUT = timedelta(seconds=60)
+# A worker that dies during a step is noticed in seconds, never when a minutes-long timeout
+# expires. Steps whose work grows with the epoch or waits on the chain (finding the due epochs,
+# closing, reserving, paying, compensating, reconciling) heartbeat every second while they run
+# (``payout_step``): they get STEP_HEARTBEAT, and a start-to-close timeout that only bounds a
+# live worker that hangs. The two short ledger writes (an approval, an epoch's outcome) do not
+# heartbeat: their start-to-close timeout is short instead.
+STEP_HEARTBEAT = timedelta(seconds=5)
+LEDGER_TIMEOUT = timedelta(seconds=10)
+SCAN_TIMEOUT = timedelta(minutes=5)  # ledger scans and the reconciliation's chain scan
+PAY_BATCH_TIMEOUT = timedelta(minutes=10)
+COMPENSATE_TIMEOUT = timedelta(minutes=2)
+# What no retry can fix fails the step at once (raised non-retryable with these types by the
+# activities; listed here too, so the policy reads whole): an epoch not ended or settled by
+# another saga, a chain not set up, a transaction the chain refused, a value the database
+# refuses. A chain that is unavailable, a concurrent writer, or a dead worker is retried until
+# the step lands: every write is idempotent.
+BUSINESS_ERRORS = [
+    "EpochNotEnded",
+    "EpochAlreadySettling",
+    "ChainNotInitialized",
+    "TransactionRejected",
+    *REFUSAL_TYPES,
+]
 LEDGER_RETRY = RetryPolicy(
     initial_interval=timedelta(milliseconds=500),
     maximum_interval=timedelta(seconds=30),
-    non_retryable_error_types=["EpochNotEnded", "EpochAlreadySettling", "ChainNotInitialized"],
+    non_retryable_error_types=BUSINESS_ERRORS,
 )
-# Paying a batch: heartbeats every second; a dead worker is noticed within the heartbeat timeout.
-PAY_BATCH_TIMEOUT = timedelta(minutes=10)
-PAY_BATCH_HEARTBEAT = timedelta(seconds=5)
 PAY_RETRY = RetryPolicy(
     initial_interval=timedelta(milliseconds=500),
     maximum_interval=timedelta(seconds=10),
-    non_retryable_error_types=["ChainNotInitialized"],
+    non_retryable_error_types=BUSINESS_ERRORS,
 )
 # Compensation waits (by retrying) until in-flight transactions have landed or expired.
-COMPENSATE_TIMEOUT = timedelta(minutes=2)
 COMPENSATE_RETRY = RetryPolicy(
     initial_interval=timedelta(seconds=1),
     maximum_interval=timedelta(seconds=10),
-    non_retryable_error_types=["ChainNotInitialized"],
+    non_retryable_error_types=BUSINESS_ERRORS,
 )
-RECONCILE_TIMEOUT = timedelta(minutes=5)
 
 
 @workflow.defn
@@ -106,7 +123,8 @@ class PayoutSagaWorkflow:
         plan: EpochPlan = await workflow.execute_activity_method(
             PayoutActivities.close_epoch,
             CloseEpochInput(epoch=epoch, workflow_id=workflow.info().workflow_id),
-            start_to_close_timeout=LEDGER_TIMEOUT,
+            start_to_close_timeout=SCAN_TIMEOUT,
+            heartbeat_timeout=STEP_HEARTBEAT,
             retry_policy=LEDGER_RETRY,
         )
         self._plan = plan
@@ -118,7 +136,8 @@ class PayoutSagaWorkflow:
                 reserved: ReserveResult = await workflow.execute_activity_method(
                     PayoutActivities.reserve,
                     ReserveInput(epoch=epoch),
-                    start_to_close_timeout=LEDGER_TIMEOUT,
+                    start_to_close_timeout=SCAN_TIMEOUT,
+                    heartbeat_timeout=STEP_HEARTBEAT,
                     retry_policy=LEDGER_RETRY,
                 )
                 self._carried += len(reserved.excluded)
@@ -136,7 +155,8 @@ class PayoutSagaWorkflow:
             report: ReconcileResult = await workflow.execute_activity_method(
                 PayoutActivities.reconcile,
                 ReconcileInput(epoch=epoch),
-                start_to_close_timeout=RECONCILE_TIMEOUT,
+                start_to_close_timeout=SCAN_TIMEOUT,
+                heartbeat_timeout=STEP_HEARTBEAT,
                 retry_policy=LEDGER_RETRY,
             )
             reconciled = report.ok
@@ -205,7 +225,8 @@ class PayoutSagaWorkflow:
         due: DueEpochsResult = await workflow.execute_activity_method(
             PayoutActivities.due_epochs,
             DueEpochsInput(),
-            start_to_close_timeout=LEDGER_TIMEOUT,
+            start_to_close_timeout=SCAN_TIMEOUT,
+            heartbeat_timeout=STEP_HEARTBEAT,
             retry_policy=LEDGER_RETRY,
         )
         started: list[int] = []
@@ -259,7 +280,7 @@ class PayoutSagaWorkflow:
                     PayoutActivities.pay_batch,
                     PayBatchInput(epoch=epoch, batch=index, batch_size=plan.batch_size),
                     start_to_close_timeout=PAY_BATCH_TIMEOUT,
-                    heartbeat_timeout=PAY_BATCH_HEARTBEAT,
+                    heartbeat_timeout=STEP_HEARTBEAT,
                     retry_policy=PAY_RETRY,
                     summary=f"pay batch {index + 1}/{self._batches} of epoch {epoch}",
                 )
@@ -277,6 +298,7 @@ class PayoutSagaWorkflow:
             PayoutActivities.compensate,
             CompensateInput(epoch=epoch, reason=reason, payout_ids=ids),
             start_to_close_timeout=COMPENSATE_TIMEOUT,
+            heartbeat_timeout=STEP_HEARTBEAT,
             retry_policy=COMPENSATE_RETRY,
         )
         self._carried += result.carried

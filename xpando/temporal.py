@@ -1,15 +1,18 @@
-"""Temporal client factory and the search attributes xpando uses."""
+"""Temporal client factory, the search attributes xpando uses, and activity heartbeats."""
 
 from __future__ import annotations
 
 import asyncio
 import math
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, timedelta
 from typing import Any
 
 from pydantic import ValidationError
+from temporalio import activity
 from temporalio.api.common.v1 import Payload
 from temporalio.api.enums.v1 import IndexedValueType, TaskQueueType, WorkerStatus
 from temporalio.api.operatorservice.v1 import (
@@ -172,6 +175,28 @@ class WorkerBeat:
     def load(self) -> float:
         total = self.used_slots + self.free_slots
         return self.used_slots / total if self.running and total > 0 else 0.0
+
+
+HEARTBEAT_EVERY_S = 1.0
+
+
+@asynccontextmanager
+async def heartbeating() -> AsyncIterator[None]:
+    """Heartbeat every second while an activity's body runs, so a worker that dies during a long
+    step is noticed within the step's ``heartbeat_timeout`` and a slow call (an RPC, a scan, a
+    model loading in a thread) does not look like a dead worker. It shows the worker is alive,
+    not that the step progresses: the step's start-to-close timeout bounds that."""
+
+    async def beat() -> None:
+        while True:
+            activity.heartbeat()
+            await asyncio.sleep(HEARTBEAT_EVERY_S)
+
+    task = asyncio.create_task(beat())
+    try:
+        yield
+    finally:
+        task.cancel()
 
 
 # A worker that said it stopped may still show a poll ending a moment later; one with the same

@@ -7,21 +7,19 @@ from __future__ import annotations
 import asyncio
 import base64
 import time
-from collections.abc import Awaitable, Callable, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
 from solders.pubkey import Pubkey
-from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
 from xpando.chain import (
     READ_ATTEMPTS,
     Chain,
     ChainError,
-    ChainNotInitialized,
     ChainUnavailable,
     OnChainTransfer,
     SignatureStatus,
@@ -35,14 +33,15 @@ from xpando.contracts_payouts import (
     PayoutFailure,
 )
 from xpando.db import SessionFactory, ledger
+from xpando.db.errors import fail_fast
 from xpando.db.ledger_models import Payout
 from xpando.economy import rewards
 from xpando.logs import get_logger
 from xpando.settings import Settings
+from xpando.temporal import heartbeating
 
 log = get_logger(__name__)
 
-HEARTBEAT_EVERY_S = 1.0
 MAX_SIGNING_ROUNDS = 8  # re-signs within one attempt before handing back to Temporal's retry
 MAX_POLL_BACKOFF_S = 5.0
 COMMITMENT_RANK = {"processed": 0, "confirmed": 1, "finalized": 2}
@@ -80,12 +79,14 @@ class PayoutConfig:
         )
 
 
-# Step boundaries where tests inject faults (kill the worker, drain the treasury, ...).
+# Step boundaries where tests inject faults (kill the worker, drain the treasury, ...): in
+# ``pay_batch``, then in the saga's last two steps.
 START, AFTER_SIGN, AFTER_SEND, CONFIRMING = "start", "after_sign", "after_send", "confirming"
+RECONCILING, FINISHING = "reconciling", "finishing"
 
 
 class PayoutHooks:
-    """Called at each step boundary of ``pay_batch``; production uses this no-op."""
+    """Called at each step boundary (above); production uses this no-op."""
 
     async def at(self, boundary: str, payout_ids: Sequence[str]) -> None:
         return None
@@ -349,7 +350,10 @@ def paid_state(status: SignatureStatus) -> str:
 
 
 async def chain_call(fn: Callable[[], Awaitable[Any]]) -> Any:
-    """A chain call whose failure becomes a Temporal ApplicationError with a type."""
+    """A chain call whose failure becomes a Temporal ApplicationError typed after it: an
+    unavailable chain (timeout, rate limit, connection) is retried, honouring Retry-After; what
+    the chain refuses or lacks (``ChainNotInitialized``, ``TransactionRejected``) is not, as no
+    retry would change the answer."""
     try:
         return await fn()
     except ChainUnavailable as err:
@@ -358,10 +362,10 @@ async def chain_call(fn: Callable[[], Awaitable[Any]]) -> Any:
             type="ChainUnavailable",
             next_retry_delay=(timedelta(seconds=err.retry_after_s) if err.retry_after_s else None),
         ) from err
-    except ChainNotInitialized as err:
-        raise ApplicationError(str(err), type="ChainNotInitialized", non_retryable=True) from err
     except ChainError as err:
-        raise ApplicationError(str(err), type="ChainError") from err
+        raise ApplicationError(
+            str(err), type=type(err).__name__, non_retryable=not err.retryable
+        ) from err
 
 
 async def fetch_transfer(chain: Chain, signature: str) -> OnChainTransfer | None:
@@ -386,17 +390,13 @@ async def signature_statuses(
 
 
 @asynccontextmanager
-async def heartbeating() -> Any:
-    """Heartbeat every second while the body runs, so a dead worker is noticed quickly and a
-    slow RPC call does not look like one."""
-
-    async def beat() -> None:
-        while True:
-            activity.heartbeat()
-            await asyncio.sleep(HEARTBEAT_EVERY_S)
-
-    task = asyncio.create_task(beat())
-    try:
+async def payout_step(what: str, *, heartbeat: bool = True) -> AsyncIterator[None]:
+    """The body of a payout activity: it heartbeats while it runs (a step whose length grows
+    with the epoch or waits on the chain; the saga gives it a short heartbeat timeout), and a
+    value the database refuses fails it at once instead of on every retry
+    (``xpando/db/errors.py``)."""
+    async with AsyncExitStack() as stack:
+        if heartbeat:
+            await stack.enter_async_context(heartbeating())
+        stack.enter_context(fail_fast(what))
         yield
-    finally:
-        task.cancel()
