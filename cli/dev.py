@@ -22,7 +22,7 @@ from typing import IO
 
 import httpx
 
-from cli.devserver import start_dev_command
+from cli.devserver import dev_server_env, start_dev_command
 from xpando import temporal
 from xpando.corpus import DEV_DOMAINS, ensure_domain_corpus
 from xpando.db import create_engine, init_db
@@ -125,8 +125,16 @@ class Supervisor:
         )
         return env
 
-    def _spawn(self, child: Child) -> Child:
-        child.start(self._env())
+    def _metrics_env(self, offset: int) -> dict[str, str]:
+        """Workers share one machine: with XPANDO_METRICS_PORT set, the core worker serves
+        its metrics there and node ``i`` on the ``i``-th port after it."""
+        env = self._env()
+        if self.settings.metrics_port:
+            env["XPANDO_METRICS_PORT"] = str(self.settings.metrics_port + offset)
+        return env
+
+    def _spawn(self, child: Child, env: dict[str, str] | None = None) -> Child:
+        child.start(env if env is not None else self._env())
         self.children.append(child)
         log.info("started", process=child.name, pid=child.proc.pid if child.proc else None)
         return child
@@ -161,11 +169,15 @@ class Supervisor:
                         db_file=(s.data_dir / "temporal.db").resolve(),
                     ),
                     log_file=s.data_dir / "logs" / "temporal.log",
-                )
+                ),
+                env=dev_server_env(self._env(), s),
             )
         asyncio.run(self._prepare())
-        self._spawn(Child("core-worker", [python, "-m", "cli", "worker", "core"]))
-        for node_id, region, domain in dev_node_specs(s):
+        self._spawn(
+            Child("core-worker", [python, "-m", "cli", "worker", "core"]),
+            env=self._metrics_env(0),
+        )
+        for i, (node_id, region, domain) in enumerate(dev_node_specs(s)):
             self._spawn(
                 Child(
                     node_id,
@@ -182,7 +194,8 @@ class Supervisor:
                         "--domain",
                         domain,
                     ],
-                )
+                ),
+                env=self._metrics_env(1 + i),
             )
         self._spawn(Child("api", [python, "-m", "cli", "api"]))
 

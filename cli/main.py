@@ -19,6 +19,7 @@ from pydantic import ValidationError
 
 from xpando.logs import configure_logging
 from xpando.settings import Settings
+from xpando.telemetry import configure_tracing, shutdown_tracing
 
 if TYPE_CHECKING:
     from pydantic import ValidationError
@@ -189,7 +190,11 @@ def _run(args: argparse.Namespace) -> int:
         settings = _settings()
         component = args.command if args.command != "worker" else f"worker-{args.kind}"
         configure_logging(settings, component=component)
-        return _dispatch(args, settings)
+        configure_tracing(settings, component=component)
+        try:
+            return _dispatch(args, settings)
+        finally:
+            shutdown_tracing()  # the spans still queued are sent before the process ends
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
     except Exception as err:
