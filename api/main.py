@@ -8,9 +8,9 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from api import errors
-from api.routes import health, knowledge, nodes, payouts, tasks
+from api.routes import health, knowledge, metrics, nodes, payouts, tasks
 from workers.wiring import build_knowledge_index, build_liveness, build_registry
-from xpando import __version__, temporal
+from xpando import __version__, telemetry, temporal
 from xpando.db import create_engine, init_db, session_factory
 from xpando.settings import Settings, get_settings
 
@@ -20,6 +20,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        telemetry.want_sdk_metrics()  # /metrics shows the Temporal client's metrics too
         client = await temporal.connect(settings, attempts=60)
         engine = create_engine(settings.database_dsn)
         await init_db(engine)
@@ -42,10 +43,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     errors.install(app)
+    metrics.install(app)
+    telemetry.instrument_app(app)
     app.include_router(health.router)
     app.include_router(tasks.router)
     app.include_router(nodes.router)
     app.include_router(payouts.router)
     app.include_router(payouts.earnings_router)
     app.include_router(knowledge.router)
+    app.include_router(metrics.router)
     return app

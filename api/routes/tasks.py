@@ -18,6 +18,7 @@ from api.deps import SessionDep, SettingsDep, TemporalClientDep
 from api.errors import ApiError, responses
 from api.schemas import ID_PATTERN, Links, TaskAccepted, TaskCreate, TaskView
 from workflows.task import TaskWorkflow
+from xpando import metrics
 from xpando import temporal as sa
 from xpando.contracts import AggregationStrategy, Contribution, TaskInput, TaskResult
 from xpando.db import queries
@@ -124,6 +125,7 @@ async def submit_task(
                 f"Idempotency-Key {idempotency_key!r} was already used for a different request",
             )
     response.headers["Location"] = f"/v1/tasks/{task_id}"
+    metrics.TASKS_SUBMITTED.inc()
     log.info("task submitted", task_id=task_id, k=k)
     return TaskAccepted(task_id=task_id, links=_links(settings, task_id))
 
