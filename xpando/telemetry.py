@@ -14,9 +14,9 @@ The OpenTelemetry SDK reads its other standard variables itself (``OTEL_EXPORTER
 
 **Metrics** (Prometheus): xpando's own series are defined in :mod:`xpando.metrics`; the
 Temporal SDK's runtime metrics come from the Rust core's Prometheus exporter, bound to a
-loopback port this module chooses (:func:`temporal_telemetry`) and folded into the same
-exposition (:class:`TemporalSdkCollector`), so a process has one scrape endpoint: the API's
-``/metrics`` or a worker's ``XPANDO_METRICS_PORT`` (:func:`serve_worker_metrics`).
+loopback port this module chooses (:func:`temporal_telemetry`) and appended to the same
+exposition (:func:`exposition`), so a process has one scrape endpoint: the API's ``/metrics``
+or a worker's ``XPANDO_METRICS_PORT`` (:func:`serve_worker_metrics`).
 """
 
 from __future__ import annotations
@@ -24,17 +24,14 @@ from __future__ import annotations
 import functools
 import inspect
 import socket
-import urllib.error
+import threading
 import urllib.request
-from collections.abc import Iterable, Iterator
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
-from prometheus_client import REGISTRY, start_http_server
-from prometheus_client.core import Metric
-from prometheus_client.parser import text_string_to_metric_families
-from prometheus_client.registry import Collector
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 from temporalio.runtime import PrometheusConfig, TelemetryConfig
 
 from xpando import __version__
@@ -207,24 +204,38 @@ class _TracedCalls:
 # --- metrics endpoints -------------------------------------------------------------------------
 
 
-class TemporalSdkCollector(Collector):
-    """The Temporal SDK's runtime metrics (``temporal_*``: polls, slots, task latencies, ...),
-    read from its Prometheus exporter on loopback at each scrape."""
+def exposition() -> bytes:
+    """This process's metrics as Prometheus text: xpando's (and the Python process's) from
+    ``prometheus_client``, then the Temporal SDK's as its exporter wrote them (their names are
+    all ``temporal_*``, so the two never share a family; passing the SDK's text through
+    unparsed keeps a scrape cheap)."""
+    ours = generate_latest(REGISTRY)
+    if _sdk_metrics_address is None:
+        return ours
+    try:
+        url = f"http://{_sdk_metrics_address}/metrics"
+        with urllib.request.urlopen(url, timeout=SDK_SCRAPE_TIMEOUT_S) as resp:
+            sdk: bytes = resp.read()
+    except OSError as err:  # the exporter starts with the runtime's first client
+        log.debug("temporal sdk metrics unavailable", error=str(err))
+        return ours
+    return ours + sdk if sdk.endswith(b"\n") or not sdk else ours + sdk + b"\n"
 
-    def __init__(self, address: str) -> None:
-        self.url = f"http://{address}/metrics"
 
-    def describe(self) -> Iterable[Metric]:
-        return []  # names are the SDK's; nothing of ours can clash with ``temporal_*``
-
-    def collect(self) -> Iterator[Metric]:
-        try:
-            with urllib.request.urlopen(self.url, timeout=SDK_SCRAPE_TIMEOUT_S) as resp:
-                text = resp.read().decode()
-        except (OSError, urllib.error.URLError) as err:
-            log.debug("temporal sdk metrics unavailable", error=str(err))
+class _MetricsHandler(BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        if self.path.split("?", 1)[0] != "/metrics":
+            self.send_error(404)
             return
-        yield from text_string_to_metric_families(text)
+        body = exposition()
+        self.send_response(200)
+        self.send_header("Content-Type", CONTENT_TYPE_LATEST)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        return  # a scrape every few seconds is not news
 
 
 _sdk_metrics_address: str | None = None  # where this process's SDK exporter listens, once bound
@@ -251,7 +262,6 @@ def temporal_telemetry() -> TelemetryConfig:
         return TelemetryConfig()
     address = f"127.0.0.1:{_free_port()}"
     _sdk_metrics_address = address
-    REGISTRY.register(TemporalSdkCollector(address))
     return TelemetryConfig(
         metrics=PrometheusConfig(
             bind_address=address,
@@ -268,9 +278,16 @@ def serve_worker_metrics(settings: Settings) -> int | None:
     if not settings.metrics_port:
         return None
     want_sdk_metrics()
-    start_http_server(settings.metrics_port, addr=settings.metrics_host)
+    host = settings.metrics_host
+    server_class = _IPv6Server if ":" in host else ThreadingHTTPServer
+    server = server_class((host, settings.metrics_port), _MetricsHandler)
+    threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
     log.info("metrics served", port=settings.metrics_port, path="/metrics")
     return settings.metrics_port
+
+
+class _IPv6Server(ThreadingHTTPServer):
+    address_family = socket.AF_INET6
 
 
 def _free_port() -> int:

@@ -11,10 +11,10 @@ import time
 from collections.abc import Awaitable, Callable
 
 from fastapi import APIRouter, FastAPI, Request, Response
-from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.routing import Match
 
-from xpando import metrics
+from xpando import metrics, telemetry
 
 router = APIRouter(tags=["metrics"])
 
@@ -32,7 +32,7 @@ METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"}
 )
 def prometheus_metrics() -> Response:
     """Prometheus text exposition: xpando's metrics and the Temporal SDK client's."""
-    return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
+    return Response(telemetry.exposition(), media_type=CONTENT_TYPE_LATEST)
 
 
 def install(app: FastAPI) -> None:
