@@ -15,7 +15,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
-from pydantic import ValidationError
+from pydantic import AliasChoices, ValidationError
 
 from xpando.logs import configure_logging
 from xpando.settings import Settings
@@ -211,7 +211,21 @@ def _settings() -> Settings:
         return Settings()
     except ValidationError as err:
         first = err.errors()[0]
-        name = f"XPANDO_{str(first['loc'][0]).upper()}" if first["loc"] else "a setting"
+        field = str(first["loc"][0]) if first["loc"] else ""
+        # A field read under aliases (OPENAI_API_KEY, OTEL_TRACES_EXPORTER) is named by its
+        # variables; any other by XPANDO_<FIELD>.
+        aliases = [
+            [str(c) for c in info.validation_alias.choices]
+            for info in Settings.model_fields.values()
+            if isinstance(info.validation_alias, AliasChoices)
+            and field in info.validation_alias.choices
+        ]
+        if aliases:
+            name = " / ".join(aliases[0])
+        elif field:
+            name = field if field.startswith("XPANDO_") else f"XPANDO_{field.upper()}"
+        else:
+            name = "a setting"
         raise CliError(
             f"invalid setting {name}: {first['msg']}; fix it in the environment or .env"
         ) from err

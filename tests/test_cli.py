@@ -88,6 +88,13 @@ def _one_line(stderr: str) -> str:
             EXIT_USAGE,
             ["invalid setting XPANDO_API_PORT", "environment or .env"],
         ),
+        # A setting read under its standard name too is named by both.
+        (
+            ("db", "init"),
+            {"OTEL_TRACES_EXPORTER": "jaeger"},
+            EXIT_USAGE,
+            ["XPANDO_OTEL_TRACES_EXPORTER / OTEL_TRACES_EXPORTER", "unknown traces exporter"],
+        ),
         # Temporal unreachable, for a one-shot command and for a worker.
         (
             ("task", "get", "task-1"),
