@@ -352,3 +352,20 @@ async def test_a_core_worker_serves_metrics_that_move_as_a_task_runs(
     assert _value(after, "temporal_workflow_completed_total") > _value(
         before, "temporal_workflow_completed_total"
     )
+
+
+async def test_payout_chain_calls_are_spans_while_tracing(
+    spans: InMemorySpanExporter, settings: Settings, sessions: SessionFactory
+) -> None:
+    from workers.payouts import build_payout_activities
+    from xpando.chain import init_chain
+
+    await init_chain(settings)  # the embedded chain: the treasury, its mint, its funds
+    payouts = build_payout_activities(sessions=sessions, settings=settings)
+    with telemetry.span("payout.batch", epoch=1, batch=0):
+        chain = await payouts._get_chain()
+        balance = await chain.treasury_balance()
+    assert balance == settings.chain_initial_supply
+    finished = {s.name: s for s in spans.get_finished_spans()}
+    call, batch = finished["chain.treasury_balance"], finished["payout.batch"]
+    assert call.parent is not None and call.parent.span_id == batch.context.span_id
