@@ -8,11 +8,10 @@ public ingress (the k8s and Fly files route only ``/v1``, the docs and the probe
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable
 
-from fastapi import APIRouter, FastAPI, Request, Response
+from fastapi import APIRouter, FastAPI, Response
 from prometheus_client import CONTENT_TYPE_LATEST
-from starlette.routing import Match
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from xpando import metrics, telemetry
 
@@ -38,33 +37,39 @@ def prometheus_metrics() -> Response:
 def install(app: FastAPI) -> None:
     """Count every request by method, route template (never the raw path: task ids stay out
     of labels) and status, and time it by route."""
+    app.add_middleware(RequestMetrics)
 
-    @app.middleware("http")
-    async def count_requests(
-        request: Request, call_next: Callable[[Request], Awaitable[Response]]
-    ) -> Response:
-        if request.url.path in UNCOUNTED_PATHS:
-            return await call_next(request)
-        started = time.perf_counter()
+
+class RequestMetrics:
+    """Plain ASGI middleware (no per-request task or body buffering, unlike ``@middleware``)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] in UNCOUNTED_PATHS:
+            await self.app(scope, receive, send)
+            return
         status = 500
+        started = time.perf_counter()
+
+        async def sending(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
         try:
-            response = await call_next(request)
-            status = response.status_code
-            return response
+            await self.app(scope, receive, sending)
         finally:
-            route = _route_template(app, request)
-            method = request.method if request.method in METHODS else "other"
+            route = _route_template(scope)
+            method = scope["method"] if scope["method"] in METHODS else "other"
             metrics.HTTP_REQUESTS.labels(method=method, route=route, status=str(status)).inc()
             metrics.HTTP_DURATION.labels(route=route).observe(time.perf_counter() - started)
 
 
-def _route_template(app: FastAPI, request: Request) -> str:
-    """The matched route's path template (``/v1/tasks/{task_id}``), or ``unmatched``."""
-    matched = request.scope.get("route")  # set by the router when a route took the request
-    if matched is not None:
-        return str(getattr(matched, "path", "unmatched"))
-    for route in app.router.routes:
-        match, _ = route.matches(request.scope)
-        if match == Match.FULL:
-            return str(getattr(route, "path", "unmatched"))
-    return "unmatched"
+def _route_template(scope: Scope) -> str:
+    """The path template of the route that took the request (``/v1/tasks/{task_id}``; the
+    router records it in the scope), or ``unmatched``."""
+    route = scope.get("route")
+    return str(getattr(route, "path", "unmatched")) if route is not None else "unmatched"
