@@ -33,6 +33,7 @@ from temporalio.client import Client
 
 from api.main import create_app
 from bench.loopback_providers import FakeProviders
+from cli.devserver import dev_server_env, start_dev_command
 from tests.conftest import free_port, wait_for, wait_live
 from workers.core import build_core_worker
 from workers.node import NodeSpec, build_node, build_node_worker, register
@@ -369,3 +370,48 @@ async def test_payout_chain_calls_are_spans_while_tracing(
     finished = {s.name: s for s in spans.get_finished_spans()}
     call, batch = finished["chain.treasury_balance"], finished["payout.batch"]
     assert call.parent is not None and call.parent.span_id == batch.context.span_id
+
+
+@pytest.mark.parametrize("exporter", ["console", "otlp"])
+async def test_xpando_dev_starts_its_temporal_server_whatever_tracing_is_asked(
+    exporter: str,
+) -> None:
+    """The dev server reads OTEL_TRACES_EXPORTER itself and dies at start on ``console``: it is
+    given only ``otlp``, pointed at the collector's gRPC port beside xpando's HTTP one."""
+    settings = Settings(
+        _env_file=None,
+        otel_traces_exporter=exporter,
+        otel_exporter_otlp_endpoint="http://127.0.0.1:4318",
+    )
+    env = dev_server_env({**os.environ, "OTEL_TRACES_EXPORTER": exporter}, settings)
+    if exporter == "otlp":
+        assert env["OTEL_TRACES_EXPORTER"] == "otlp"
+        assert env["OTEL_EXPORTER_OTLP_ENDPOINT"] == "http://127.0.0.1:4317"
+        assert env["OTEL_SERVICE_NAME"] == "temporal-dev-server"
+    else:
+        assert "OTEL_TRACES_EXPORTER" not in env
+    port = free_port()
+    cmd = start_dev_command(
+        ip="127.0.0.1", port=port, ui_port=free_port(), namespace="default", db_file=None
+    )
+    server = await asyncio.create_subprocess_exec(
+        *cmd, "--headless", env=env, stdout=asyncio.subprocess.DEVNULL
+    )
+    try:
+
+        async def serving() -> bool:
+            assert server.returncode is None, f"the dev server exited ({server.returncode})"
+            try:
+                _, writer = await asyncio.open_connection("127.0.0.1", port)
+            except OSError:
+                return False
+            writer.close()
+            return True
+
+        await wait_for(serving, timeout=30)
+        await asyncio.sleep(0.5)  # a server that fails on its exporter exits right after start
+        assert server.returncode is None
+    finally:
+        if server.returncode is None:
+            server.terminate()
+        await asyncio.wait_for(server.wait(), 30)
