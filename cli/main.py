@@ -237,6 +237,7 @@ def _expected(err: Exception, settings: Settings | None) -> CliError:
     from temporalio.service import RPCError, RPCStatusCode
 
     from workers.node import RegistrationRefused
+    from xpando.telemetry import MetricsPortUnavailable
     from xpando.temporal import TemporalUnreachable
 
     if isinstance(err, CliError):
@@ -263,6 +264,8 @@ def _expected(err: Exception, settings: Settings | None) -> CliError:
             "database is up",
             status=EXIT_UNREACHABLE,
         )
+    if isinstance(err, MetricsPortUnavailable):
+        return CliError(str(err), status=EXIT_USAGE)
     if isinstance(err, RegistrationRefused):
         return CliError(
             f"{err} (the core worker refused it: start the node with its own key, "

@@ -88,6 +88,13 @@ def _one_line(stderr: str) -> str:
             EXIT_USAGE,
             ["invalid setting XPANDO_API_PORT", "environment or .env"],
         ),
+        # A worker whose metrics port cannot be bound says which and what to do.
+        (
+            ("worker", "core"),
+            {"XPANDO_METRICS_PORT": "1", "XPANDO_METRICS_HOST": "192.0.2.1"},
+            EXIT_USAGE,
+            ["cannot serve metrics on 192.0.2.1:1", "XPANDO_METRICS_PORT"],
+        ),
         # A setting read under its standard name too is named by both.
         (
             ("db", "init"),

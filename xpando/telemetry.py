@@ -272,15 +272,25 @@ def temporal_telemetry() -> TelemetryConfig:
     )
 
 
+class MetricsPortUnavailable(RuntimeError):
+    """The worker's metrics port cannot be bound (in use, or not an address of this host)."""
+
+
 def serve_worker_metrics(settings: Settings) -> int | None:
     """Serve this worker's metrics on ``XPANDO_METRICS_PORT`` (nothing when it is 0); returns
     the port. Call before connecting to Temporal so the SDK's metrics are included."""
     if not settings.metrics_port:
         return None
-    want_sdk_metrics()
     host = settings.metrics_host
     server_class = _IPv6Server if ":" in host else ThreadingHTTPServer
-    server = server_class((host, settings.metrics_port), _MetricsHandler)
+    try:
+        server = server_class((host, settings.metrics_port), _MetricsHandler)
+    except OSError as err:
+        raise MetricsPortUnavailable(
+            f"cannot serve metrics on {host}:{settings.metrics_port} ({err.strerror}); "
+            "set XPANDO_METRICS_PORT to a free port (0: none)"
+        ) from err
+    want_sdk_metrics()
     threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
     log.info("metrics served", port=settings.metrics_port, path="/metrics")
     return settings.metrics_port
