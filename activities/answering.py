@@ -8,6 +8,7 @@ import time
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
+from xpando import metrics
 from xpando.contracts import AnswerInput, Contribution, NodeProfile
 from xpando.logs import get_logger
 from xpando.providers.base import Provider, ProviderReply, ProviderRequest
@@ -52,6 +53,13 @@ class AnsweringActivities:
         try:
             reply = call.result()
         except ApplicationError as err:
+            metrics.record_answer(
+                provider=self._provider.name,
+                model=self._provider.model,
+                status="failed",
+                duration_s=time.monotonic() - started,
+                error_type=err.type or "error",
+            )
             # Classified by the provider (errors.py); the type and retryability go to Temporal.
             log.warning(
                 "provider call failed",
@@ -63,6 +71,24 @@ class AnsweringActivities:
                 error=err.message,
             )
             raise
+        except Exception:
+            metrics.record_answer(
+                provider=self._provider.name,
+                model=self._provider.model,
+                status="failed",
+                duration_s=time.monotonic() - started,
+                error_type="error",
+            )
+            raise
+        metrics.record_answer(
+            provider=self._provider.name,
+            model=reply.model,
+            status=reply.status.value,
+            duration_s=time.monotonic() - started,
+            input_tokens=reply.input_tokens,
+            output_tokens=reply.output_tokens,
+            cost_usd=reply.cost_usd,
+        )
         return Contribution(
             node_id=self._profile.node_id,
             region=self._profile.region,

@@ -33,6 +33,7 @@ from solders.pubkey import Pubkey
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
+from xpando import metrics, telemetry
 from xpando.chain import (
     Chain,
     ChainHandle,
@@ -100,8 +101,9 @@ class PayoutActivities:
     # --- helpers --------------------------------------------------------------------------------
 
     async def _get_chain(self) -> Chain:
+        """The chain; while tracing is on, each of its calls is a span ``chain.<method>``."""
         chain: Chain = await chain_call(self._chain.get)
-        return chain
+        return telemetry.traced(chain, "chain")
 
     def _current_epoch(self) -> int:
         return rewards.epoch_of(self._clock().timestamp(), self._config.epoch_s)
@@ -185,6 +187,7 @@ class PayoutActivities:
         async with payout_step(f"reserve epoch {input.epoch}"):
             chain = await self._get_chain()
             balance = await chain_call(chain.treasury_balance)
+            metrics.TREASURY_BALANCE.set(balance)
             async with self._sessions() as session:
                 result = await ledger.reserve(
                     session=session, epoch=input.epoch, treasury_balance=balance, now=self._clock()
@@ -230,14 +233,19 @@ class PayoutActivities:
         """Pay one page of the epoch's payouts, each exactly once (see the module docstring)."""
         async with payout_step(f"pay batch {input.batch} of epoch {input.epoch}"):
             chain = await self._get_chain()
-            return await BatchPayment(
-                sessions=self._sessions,
-                config=self._config,
-                hooks=self._hooks,
-                clock=self._clock,
-                chain=chain,
-                input=input,
-            ).run()
+            with telemetry.span("payout.batch", epoch=input.epoch, batch=input.batch):
+                result = await BatchPayment(
+                    sessions=self._sessions,
+                    config=self._config,
+                    hooks=self._hooks,
+                    clock=self._clock,
+                    chain=chain,
+                    input=input,
+                ).run()
+        metrics.PAYOUTS.labels(status="paid").inc(result.paid)
+        metrics.PAYOUT_AMOUNT.labels(status="paid").inc(result.paid_amount)
+        metrics.PAYOUTS.labels(status="failed").inc(len(result.failed))
+        return result
 
     @activity.defn(name="payout_compensate")
     async def compensate(self, input: CompensateInput) -> CompensateResult:
@@ -285,6 +293,8 @@ class PayoutActivities:
                 amount = await ledger.carry_over(
                     session=session, epoch=input.epoch, carry=carry, now=now
                 )
+            metrics.PAYOUTS.labels(status="carried_over").inc(len(carry))
+            metrics.PAYOUT_AMOUNT.labels(status="carried_over").inc(amount)
             log.info(
                 "compensated",
                 epoch=input.epoch,
@@ -414,6 +424,8 @@ class PayoutActivities:
                 await ledger.set_epoch_status(
                     session=session, epoch=input.epoch, status=status, now=now, **values
                 )
+            metrics.PAYOUT_EPOCHS.labels(status=status).inc()
+            metrics.PAYOUT_LAST_EPOCH.set(input.epoch)
             return FinishEpochResult(
                 epoch=input.epoch,
                 payouts=sum(v for k, v in summary.items() if k.endswith("_count")),

@@ -18,6 +18,7 @@ from datetime import UTC, datetime
 
 from temporalio import activity
 
+from xpando import metrics
 from xpando.breakers import BreakerBook
 from xpando.contracts import (
     AggregateResult,
@@ -144,4 +145,11 @@ class RecordingActivities:
         if moved:
             log.info("reputation updated", task_id=input.task_id, nodes=moved)
         log.info("recorded", task_id=input.task_id, status=input.status.value)
+        if input.status in (TaskStage.COMPLETED, TaskStage.FAILED):
+            metrics.record_task(
+                outcome=input.status.value,
+                domain=input.domain,
+                duration_s=(now - input.started_at).total_seconds() if input.started_at else None,
+                reused=input.reused_knowledge_id is not None,
+            )
         return result

@@ -12,6 +12,7 @@ from datetime import UTC, datetime
 
 from temporalio import activity
 
+from xpando import metrics
 from xpando.breakers import BreakerBook
 from xpando.contracts import (
     BreakerState,
@@ -56,6 +57,7 @@ class RoutingActivities:
         step of a task in one local activity (a NoExpertsAvailable from routing fails it)."""
         with fail_fast(f"plan and route {input.plan.task_id}"):
             plan = await self._plan(input.plan)
+            metrics.KNOWLEDGE_PLANS.labels(decision=_decision(plan)).inc()
             if plan.reuse is not None:
                 return PlanRouteResult(plan=plan)
             route = input.route
@@ -128,3 +130,10 @@ class RoutingActivities:
         return PlanResult(
             domain=input.domain, context=context, reuse=reuse, suggested_k=suggested_k
         )
+
+
+def _decision(plan: PlanResult) -> str:
+    """What stored knowledge decided for a task (the ``xpando_knowledge_plans`` label)."""
+    if plan.reuse is not None:
+        return "reused"
+    return "confirm" if plan.suggested_k is not None else "none"

@@ -9,9 +9,9 @@ from fastapi import FastAPI
 
 from api import errors
 from api.deps import BodyLimit
-from api.routes import health, keys, knowledge, nodes, payouts, tasks
+from api.routes import health, keys, knowledge, metrics, nodes, payouts, tasks
 from workers.wiring import build_knowledge_index, build_liveness, build_registry
-from xpando import __version__, temporal
+from xpando import __version__, telemetry, temporal
 from xpando.db import create_engine, init_db, session_factory
 from xpando.settings import Settings, get_settings
 
@@ -21,6 +21,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        telemetry.want_sdk_metrics()  # /metrics shows the Temporal client's metrics too
         client = await temporal.connect(settings, attempts=60)
         engine = create_engine(settings.database_dsn)
         await init_db(engine)
@@ -44,6 +45,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     errors.install(app)
     app.add_middleware(BodyLimit, limit=settings.api_max_body_bytes)
+    metrics.install(app)
+    telemetry.instrument_app(app)
     app.include_router(health.router)
     app.include_router(tasks.router)
     app.include_router(nodes.router)
@@ -51,4 +54,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(payouts.earnings_router)
     app.include_router(knowledge.router)
     app.include_router(keys.router)
+    app.include_router(metrics.router)
     return app

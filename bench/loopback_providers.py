@@ -81,6 +81,7 @@ class Call:
     started: float
     ended: float | None = None
     disconnected: bool = False  # the client closed the connection before the answer
+    traceparent: str | None = None  # the W3C trace context the caller sent, if it traces
 
 
 @dataclass
@@ -243,6 +244,7 @@ class FakeProviders:
             model=model,
             prompt=prompt,
             started=time.monotonic(),
+            traceparent=request.headers.get("traceparent"),
         )
         with self._lock:
             self._calls.append(call)

@@ -29,7 +29,7 @@ from typing import IO
 import httpx
 from temporalio.client import Client
 
-from cli.devserver import dev_server_env, start_dev_command
+from cli.devserver import dev_server_env, dev_server_tracing_env, start_dev_command
 from xpando import temporal
 from xpando.auth.keys import dev_key_path
 from xpando.auth.store import ensure_dev_key
@@ -234,6 +234,14 @@ class Supervisor:
             env["XPANDO_LOG_FORMAT"] = "console"
         return env
 
+    def _metrics_env(self, offset: int) -> dict[str, str]:
+        """Workers share one machine: with XPANDO_METRICS_PORT set, the core worker serves
+        its metrics there and node ``i`` on the ``i``-th port after it."""
+        env = self._env()
+        if self.settings.metrics_port:
+            env["XPANDO_METRICS_PORT"] = str(self.settings.metrics_port + offset)
+        return env
+
     def _spawn(self, child: Child) -> Child:
         child.start()
         self.children.append(child)
@@ -277,13 +285,15 @@ class Supervisor:
                         namespace=s.temporal_namespace,
                         db_file=(s.data_dir / "temporal.db").resolve(),
                     ),
-                    server_env,
+                    dev_server_tracing_env(server_env, s),
                     log_file=s.data_dir / "logs" / "temporal.log",
                 )
             )
         asyncio.run(self._prepare())
-        self._spawn(Child("core-worker", [python, "-m", "cli", "worker", "core"], env))
-        for node_id, region, domain in dev_node_specs(s):
+        self._spawn(
+            Child("core-worker", [python, "-m", "cli", "worker", "core"], self._metrics_env(0))
+        )
+        for i, (node_id, region, domain) in enumerate(dev_node_specs(s)):
             self._spawn(
                 Child(
                     node_id,
@@ -300,7 +310,7 @@ class Supervisor:
                         "--domain",
                         domain,
                     ],
-                    env,
+                    self._metrics_env(1 + i),
                 )
             )
         self._spawn(Child("api", [python, "-m", "cli", "api"], env))

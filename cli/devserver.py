@@ -9,6 +9,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from xpando.settings import Settings
 from xpando.temporal import NODES, SEARCH_ATTRIBUTES
 
 if TYPE_CHECKING:
@@ -28,6 +29,9 @@ SQLITE_PRAGMAS = ("journal_mode=wal", "synchronous=normal")
 # variables are held to the same rule so that a future reader of them cannot trip on it either.
 OTEL_EXPORTER_VARIABLE = re.compile(r"^OTEL_[A-Z]+_EXPORTER$")
 OTEL_EXPORTERS_ACCEPTED = frozenset({"otlp"})
+# The OTLP ports a collector listens on: gRPC (what the Temporal server exports with) and HTTP
+# (what xpando's processes export with).
+OTLP_GRPC_PORT, OTLP_HTTP_PORT = 4317, 4318
 
 
 def temporal_cli() -> str:
@@ -128,3 +132,31 @@ def start_dev_command(
     if headless:
         cmd.append("--headless")
     return cmd
+
+
+def dev_server_tracing_env(env: dict[str, str], settings: Settings) -> dict[str, str]:
+    """The environment of the dev server ``xpando dev`` starts: xpando's (after
+    :func:`dev_server_env` left out the exporters it refuses), with only the tracing the server
+    can take. It reads ``OTEL_TRACES_EXPORTER`` itself and accepts ``otlp`` alone, which it
+    exports over gRPC. With ``otlp`` asked for, it exports its own spans, as
+    ``temporal-dev-server``, to the same collector (the gRPC port beside an ``:4318`` HTTP
+    endpoint); otherwise it is given no exporter."""
+    out = {k: v for k, v in env.items() if k not in ("OTEL_TRACES_EXPORTER", "OTEL_SERVICE_NAME")}
+    if "otlp" not in settings.traces_exporters:
+        return out
+    out.pop("OTEL_EXPORTER_OTLP_PROTOCOL", None)  # ours is HTTP; the server speaks gRPC
+    out["OTEL_TRACES_EXPORTER"] = "otlp"
+    out["OTEL_SERVICE_NAME"] = "temporal-dev-server"
+    endpoint = settings.otel_exporter_otlp_endpoint
+    secure = False
+    if endpoint:
+        scheme, sep, rest = endpoint.partition("://")
+        host_port = (rest if sep else scheme).split("/", 1)[0]
+        host, _, port = host_port.rpartition(":")
+        if port == str(OTLP_HTTP_PORT):
+            host_port = f"{host}:{OTLP_GRPC_PORT}"
+        secure = scheme == "https"
+        out["OTEL_EXPORTER_OTLP_ENDPOINT"] = f"{scheme}://{host_port}" if sep else host_port
+    if not secure:  # a collector on the machine or the cluster network speaks plain gRPC
+        out["OTEL_EXPORTER_OTLP_INSECURE"] = "true"
+    return out

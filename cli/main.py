@@ -15,10 +15,11 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
-from pydantic import ValidationError
+from pydantic import AliasChoices, ValidationError
 
 from xpando.logs import configure_logging
 from xpando.settings import Settings
+from xpando.telemetry import configure_tracing, shutdown_tracing
 
 if TYPE_CHECKING:
     from pydantic import ValidationError
@@ -214,7 +215,11 @@ def _run(args: argparse.Namespace) -> int:
         settings = _settings()
         component = args.command if args.command != "worker" else f"worker-{args.kind}"
         configure_logging(settings, component=component)
-        return _dispatch(args, settings)
+        configure_tracing(settings, component=component)
+        try:
+            return _dispatch(args, settings)
+        finally:
+            shutdown_tracing()  # the spans still queued are sent before the process ends
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
     except Exception as err:
@@ -231,7 +236,21 @@ def _settings() -> Settings:
         return Settings()
     except ValidationError as err:
         first = err.errors()[0]
-        name = f"XPANDO_{str(first['loc'][0]).upper()}" if first["loc"] else "a setting"
+        field = str(first["loc"][0]) if first["loc"] else ""
+        # A field read under aliases (OPENAI_API_KEY, OTEL_TRACES_EXPORTER) is named by its
+        # variables; any other by XPANDO_<FIELD>.
+        aliases = [
+            [str(c) for c in info.validation_alias.choices]
+            for info in Settings.model_fields.values()
+            if isinstance(info.validation_alias, AliasChoices)
+            and field in info.validation_alias.choices
+        ]
+        if aliases:
+            name = " / ".join(aliases[0])
+        elif field:
+            name = field if field.startswith("XPANDO_") else f"XPANDO_{field.upper()}"
+        else:
+            name = "a setting"
         raise CliError(
             f"invalid setting {name}: {first['msg']}; fix it in the environment or .env"
         ) from err
@@ -243,6 +262,7 @@ def _expected(err: Exception, settings: Settings | None) -> CliError:
     from temporalio.service import RPCError, RPCStatusCode
 
     from workers.node import RegistrationRefused
+    from xpando.telemetry import MetricsPortUnavailable
     from xpando.temporal import TemporalUnreachable
 
     if isinstance(err, CliError):
@@ -269,6 +289,8 @@ def _expected(err: Exception, settings: Settings | None) -> CliError:
             "database is up",
             status=EXIT_UNREACHABLE,
         )
+    if isinstance(err, MetricsPortUnavailable):
+        return CliError(str(err), status=EXIT_USAGE)
     if isinstance(err, RegistrationRefused):
         return CliError(
             f"{err} (the core worker refused it: start the node with its own key, "

@@ -114,6 +114,20 @@ def _one_line(stderr: str) -> str:
             EXIT_NOT_FOUND,
             ["no API key '0123456789ab'", "xpando keys list"],
         ),
+        # A worker whose metrics port cannot be bound says which and what to do.
+        (
+            ("worker", "core"),
+            {"XPANDO_METRICS_PORT": "1", "XPANDO_METRICS_HOST": "192.0.2.1"},
+            EXIT_USAGE,
+            ["cannot serve metrics on 192.0.2.1:1", "XPANDO_METRICS_PORT"],
+        ),
+        # A setting read under its standard name too is named by both.
+        (
+            ("db", "init"),
+            {"OTEL_TRACES_EXPORTER": "jaeger"},
+            EXIT_USAGE,
+            ["XPANDO_OTEL_TRACES_EXPORTER / OTEL_TRACES_EXPORTER", "unknown traces exporter"],
+        ),
         # Temporal unreachable, for a one-shot command and for a worker.
         (
             ("task", "get", "task-1"),

@@ -3,8 +3,11 @@ whose node workers each have their own identity key and register in their overla
 
 from __future__ import annotations
 
+import json
+import re
 import shutil
 import subprocess
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -81,3 +84,92 @@ def test_the_api_is_restarted_on_liveness_and_routed_to_on_readiness(region: str
     assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
     assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
     assert container["startupProbe"]["httpGet"]["path"] == "/healthz"
+
+
+INFRA = Path(__file__).parent.parent / "infra"
+
+
+def test_each_region_the_design_names_has_its_overlay_and_a_fly_node() -> None:
+    assert {"eu-west", "us-east", "ap-southeast"} <= set(REGIONS)
+    fly_regions = {
+        tomllib.loads(f.read_text())["env"].get("XPANDO_NODE_REGION")
+        for f in (INFRA / "fly").glob("fly.node*.toml")
+    }
+    assert {"eu-west", "ap-southeast"} <= fly_regions
+
+
+@pytest.mark.parametrize("region", REGIONS)
+def test_prometheus_scrapes_every_process_where_it_serves_metrics(region: str) -> None:
+    docs = _render(region)
+    config = next(d for d in docs if d["kind"] == "ConfigMap")
+    deployments = [d for d in docs if d["kind"] == "Deployment"]
+    assert {d["metadata"]["labels"]["app.kubernetes.io/component"] for d in deployments} == {
+        "api",
+        "core-worker",
+        "node-worker",
+    }
+    for deployment in deployments:
+        name = deployment["metadata"]["name"]
+        template = deployment["spec"]["template"]
+        annotations = template["metadata"].get("annotations", {})
+        assert annotations.get("prometheus.io/scrape") == "true", name
+        assert annotations["prometheus.io/path"] == "/metrics"
+        port = int(annotations["prometheus.io/port"])
+        container = template["spec"]["containers"][0]
+        assert port in [p["containerPort"] for p in container.get("ports", [])], name
+        if deployment["metadata"]["labels"]["app.kubernetes.io/component"] == "api":
+            assert port == int(config["data"]["XPANDO_API_PORT"])
+        else:  # a worker serves its metrics where the ConfigMap tells it to, on every address
+            assert port == int(config["data"]["XPANDO_METRICS_PORT"])
+            assert config["data"]["XPANDO_METRICS_HOST"] == "0.0.0.0"
+
+
+def _defined_metric_names() -> set[str]:
+    """Every series name xpando's own metrics can produce."""
+    from prometheus_client import Counter, Gauge, Histogram
+
+    from xpando import metrics
+
+    names = {"xpando_provider_breaker_state", "xpando_node_breakers"}  # BreakerCollector's
+    for value in vars(metrics).values():
+        if isinstance(value, Counter):
+            names.add(f"{value._name}_total")
+        elif isinstance(value, Histogram):
+            names |= {f"{value._name}_{suffix}" for suffix in ("bucket", "count", "sum")}
+        elif isinstance(value, Gauge):
+            names.add(value._name)
+    return names
+
+
+def test_the_dashboard_graphs_only_metrics_xpando_serves() -> None:
+    dashboard = json.loads((INFRA / "grafana" / "xpando-dashboard.json").read_text())
+    exprs = [target["expr"] for panel in dashboard["panels"] for target in panel.get("targets", [])]
+    used = {name for expr in exprs for name in re.findall(r"\bxpando_[a-z_]+", expr)}
+    defined = _defined_metric_names()
+    assert used, "the dashboard graphs no xpando metric"
+    assert used <= defined, sorted(used - defined)
+    # Every metric of the catalogue is on the dashboard (an added metric gets a panel).
+    families = {re.sub(r"_(total|bucket|count|sum)$", "", n) for n in defined}
+    graphed = {re.sub(r"_(total|bucket|count|sum)$", "", n) for n in used}
+    assert families <= graphed, sorted(families - graphed)
+
+
+def test_compose_prometheus_scrapes_the_api_and_every_worker() -> None:
+    compose = yaml.safe_load((INFRA / "docker-compose.yml").read_text())
+    scrape = yaml.safe_load((INFRA / "prometheus" / "prometheus.yml").read_text())
+    targets = {
+        target
+        for job in scrape["scrape_configs"]
+        for static in job["static_configs"]
+        for target in static["targets"]
+    }
+    workers = {
+        name
+        for name, service in compose["services"].items()
+        if "worker" in (service.get("command") or [])
+    }
+    assert workers >= {"core-worker", "node-eu-1", "node-us-1", "node-ap-1"}
+    for name in workers:
+        port = compose["services"][name]["environment"]["XPANDO_METRICS_PORT"]
+        assert f"{name}:{port}" in targets, name
+    assert "api:8000" in targets

@@ -24,7 +24,7 @@ from workflows.knowledge import KnowledgeWorkflow
 from workflows.node_registration import NodeRegistrationWorkflow
 from workflows.payout import PayoutSagaWorkflow
 from workflows.task import TaskWorkflow
-from xpando import temporal
+from xpando import telemetry, temporal
 from xpando.db import SessionFactory, create_engine, init_db, session_factory
 from xpando.logs import get_logger
 from xpando.mother.knowledge import Consolidator
@@ -91,6 +91,7 @@ def build_core_worker(
 
 
 async def run_core_worker(settings: Settings) -> None:
+    telemetry.serve_worker_metrics(settings)
     client = await temporal.connect(settings, attempts=60)
     engine = create_engine(settings.database_dsn)
     await init_db(engine)

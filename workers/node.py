@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
+import structlog
 from pydantic import SecretStr
 from solders.keypair import Keypair
 from temporalio.client import Client, WorkflowFailureError
@@ -20,7 +21,7 @@ from temporalio.worker import Worker
 from activities.answering import AnsweringActivities
 from workers.runtime import NODE_DEPLOYMENT, VersionedWorker, stop_on_signals
 from workflows.node_registration import NodeRegistrationWorkflow
-from xpando import __version__, temporal
+from xpando import __version__, telemetry, temporal
 from xpando.contracts import (
     NodeAction,
     NodeDomain,
@@ -276,6 +277,8 @@ async def run_node_worker(settings: Settings, spec: NodeSpec) -> None:
     profile, provider = await asyncio.to_thread(build_node, spec, data_dir=settings.data_dir)
     keypair = node_keypair(settings, spec.node_id)
     profile = profile.model_copy(update={"wallet": str(keypair.pubkey())})
+    structlog.contextvars.bind_contextvars(node_id=profile.node_id)  # on every line it logs
+    telemetry.serve_worker_metrics(settings)
     client = await temporal.connect(
         settings, attempts=60, runtime=temporal.heartbeat_runtime(settings.node_heartbeat_s)
     )

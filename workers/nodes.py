@@ -29,7 +29,7 @@ from temporalio.worker import PollerBehaviorSimpleMaximum, Worker
 from activities.answering import AnsweringActivities
 from workers.node import DOMAIN_KEYWORDS, register
 from workers.runtime import NODE_DEPLOYMENT, VersionedWorker, stop_on_signals
-from xpando import __version__, temporal
+from xpando import __version__, telemetry, temporal
 from xpando.contracts import ContributionStatus, NodeDomain, NodeProfile
 from xpando.corpus import DEV_DOMAINS, ensure_domain_corpus
 from xpando.keys import load_or_create_keypair, node_key_path
@@ -197,6 +197,7 @@ async def run_fleet(
 ) -> None:
     before = rss_bytes()
     nodes = await asyncio.to_thread(fleet_nodes, spec, data_dir=settings.data_dir)
+    telemetry.serve_worker_metrics(settings)
     client = await temporal.connect(
         settings, attempts=60, runtime=temporal.heartbeat_runtime(settings.node_heartbeat_s)
     )

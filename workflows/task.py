@@ -243,6 +243,7 @@ class TaskWorkflow:
                     domain=self._domain,
                     status=TaskStage.COMPLETED,
                     outcomes=[self._outcome(c) for c in self._succeeded],
+                    started_at=workflow.info().start_time,
                 ),
                 domains={c.node_id: c.domains for c in [*route.chosen, *route.standbys]},
                 name_domain=input.domain is None,
@@ -266,6 +267,7 @@ class TaskWorkflow:
                 answer=reuse.answer,
                 confidence=reuse.confidence,
                 reused_knowledge_id=reuse.knowledge_id,
+                started_at=workflow.info().start_time,
             )
         )
         self._set_stage(TaskStage.COMPLETED)
@@ -292,6 +294,7 @@ class TaskWorkflow:
                 status=TaskStage.FAILED,
                 error=reason,
                 contributions=contributions,
+                started_at=workflow.info().start_time,
             )
         )
         self._set_stage(TaskStage.FAILED)

@@ -34,6 +34,7 @@ from datetime import UTC, datetime, timedelta
 
 from sqlmodel.ext.asyncio.session import AsyncSession
 
+from xpando import metrics
 from xpando.contracts import BreakerState, BreakerView, ExpertOutcomeInput
 from xpando.db import SessionFactory, queries
 from xpando.db import nodes as node_queries
@@ -157,6 +158,9 @@ class BreakerBook:
         self._sessions = sessions
         self.policy = policy or BreakerPolicy()
         self._troubled: tuple[float, dict[str, Breaker]] | None = None
+        self._last_read: dict[str, Breaker] = {}
+        # The breaker metrics show what this book last read (the process's routing book).
+        metrics.BREAKERS.watch(self.samples)
 
     async def troubled(self) -> dict[str, Breaker]:
         """Breakers that are open or counting failures."""
@@ -167,7 +171,19 @@ class BreakerBook:
         async with self._sessions() as session:
             rows = await node_queries.troubled_breakers(session=session)
         self._troubled = (now, rows)
+        self._last_read = rows
         return rows
+
+    def samples(self) -> list[metrics.BreakerSample]:
+        """The troubled breakers last read, in their state now (the breaker metrics)."""
+        now = datetime.now(UTC)
+        out = []
+        for key, row in list(self._last_read.items()):
+            kind, _, name = key.partition(":")
+            provider, _, region = name.partition("@") if kind == "provider" else ("", "", "")
+            state = view(row, key=key, now=now).state.value
+            out.append(metrics.BreakerSample(kind, provider, region, state))
+        return out
 
     def invalidate(self) -> None:
         """The next decision reads the breakers again."""

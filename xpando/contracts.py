@@ -389,6 +389,9 @@ class RecordInput(Contract):
     publish: KnowledgeItemInput | None = Field(
         default=None, description="What the task learned, for the domain's KnowledgeWorkflow"
     )
+    started_at: datetime | None = Field(
+        default=None, description="When the task's workflow started (its latency metric)"
+    )
 
 
 class PlanRouteInput(Contract):

@@ -8,6 +8,8 @@ from collections.abc import MutableMapping
 from typing import Any
 
 import structlog
+from opentelemetry import trace
+from temporalio import activity
 
 from xpando.auth.keys import redact
 from xpando.settings import Settings
@@ -32,12 +34,29 @@ def _redact_api_keys(
     return event_dict
 
 
+def _add_trace_context(
+    _: Any, __: str, event_dict: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
+    """The active span's trace (so a log line leads to its trace) and, in an activity, the
+    workflow it serves; a line that names them itself keeps its own."""
+    context = trace.get_current_span().get_span_context()
+    if context.is_valid:
+        event_dict.setdefault("trace_id", format(context.trace_id, "032x"))
+        event_dict.setdefault("span_id", format(context.span_id, "016x"))
+    if "workflow_id" not in event_dict and activity.in_activity():
+        workflow_id = activity.info().workflow_id
+        if workflow_id:
+            event_dict["workflow_id"] = workflow_id
+    return event_dict
+
+
 def configure_logging(settings: Settings, *, component: str | None = None) -> None:
     """Render structlog and standard-library records (temporalio's, uvicorn's) the same way.
 
     JSON lines when stdout is not a TTY (or ``log_format=json``), a console renderer otherwise.
     Time is ISO 8601 UTC. Context bound with ``structlog.contextvars`` (task_id, workflow_id,
-    node_id) appears on every line.
+    node_id) appears on every line; so do the active span's ``trace_id`` and, inside an
+    activity, its ``workflow_id``.
     """
     use_json = settings.log_format == "json" or (
         settings.log_format == "auto" and not sys.stderr.isatty()
@@ -48,6 +67,7 @@ def configure_logging(settings: Settings, *, component: str | None = None) -> No
         structlog.stdlib.add_logger_name,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
         structlog.stdlib.ExtraAdder(),
+        _add_trace_context,
         _drop_color_message,
         structlog.processors.StackInfoRenderer(),
     ]

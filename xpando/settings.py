@@ -11,6 +11,9 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from xpando import __version__
 
+# What OTEL_TRACES_EXPORTER may name (xpando/telemetry.py builds them).
+TRACES_EXPORTERS = ("otlp", "console", "none")
+
 
 class Settings(BaseSettings):
     """Every port, path, count and limit xpando uses. See the README's configuration table."""
@@ -31,6 +34,40 @@ class Settings(BaseSettings):
     log_format: Literal["auto", "json", "console"] = Field(
         "auto", description="auto: console on a TTY, JSON otherwise."
     )
+
+    # --- observability (README "Observability") -------------------------------------------------
+    metrics_port: int = Field(
+        0, ge=0, le=65535, description="Workers serve Prometheus metrics on this port (0: none)"
+    )
+    metrics_host: str = Field("127.0.0.1", description="Address the workers' metrics port binds")
+    otel_traces_exporter: str = Field(
+        "none",
+        validation_alias=AliasChoices("XPANDO_OTEL_TRACES_EXPORTER", "OTEL_TRACES_EXPORTER"),
+        description="Where spans go: otlp, console or none (comma-separated for several)",
+    )
+    otel_service_name: str | None = Field(
+        None,
+        validation_alias=AliasChoices("XPANDO_OTEL_SERVICE_NAME", "OTEL_SERVICE_NAME"),
+        description="service.name of the spans; default xpando-<process> (xpando-api, ...)",
+    )
+    otel_exporter_otlp_endpoint: str | None = Field(
+        None,
+        validation_alias=AliasChoices(
+            "XPANDO_OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT"
+        ),
+        description="OTLP/HTTP collector base URL; default the SDK's (http://localhost:4318)",
+    )
+
+    @field_validator("otel_traces_exporter", mode="after")
+    @classmethod
+    def _known_exporters(cls, value: str) -> str:
+        names = [part.strip().lower() for part in value.split(",") if part.strip()]
+        unknown = sorted(set(names) - set(TRACES_EXPORTERS))
+        if unknown:
+            raise ValueError(
+                f"unknown traces exporter {', '.join(unknown)}; use {', '.join(TRACES_EXPORTERS)}"
+            )
+        return ",".join(names) or "none"
 
     # --- Temporal -----------------------------------------------------------------------------
     temporal_host: str = "127.0.0.1"
@@ -370,6 +407,11 @@ class Settings(BaseSettings):
             "anthropic": self.anthropic_api_key,
             "gemini": self.gemini_api_key,
         }.get(provider)
+
+    @property
+    def traces_exporters(self) -> list[str]:
+        """The span exporters asked for (empty: tracing is off)."""
+        return [name for name in self.otel_traces_exporter.split(",") if name != "none"]
 
     @property
     def api_base(self) -> str:

@@ -31,9 +31,10 @@ from temporalio.converter import (
     JSONPlainPayloadConverter,
 )
 from temporalio.exceptions import ApplicationError
-from temporalio.runtime import Runtime, TelemetryConfig
+from temporalio.runtime import Runtime
 from temporalio.service import RPCError
 
+from xpando import telemetry
 from xpando.contracts import INVALID_TEXT, INVALID_TEXT_TYPE
 from xpando.logs import get_logger
 from xpando.settings import Settings
@@ -111,8 +112,10 @@ class TemporalUnreachable(RuntimeError):
 async def connect(
     settings: Settings, *, attempts: int = 1, delay_s: float = 0.5, runtime: Runtime | None = None
 ) -> Client:
-    """Connect with xpando's data converter, trying ``attempts`` times while it starts;
-    raises :class:`TemporalUnreachable` naming the address when every attempt failed."""
+    """Connect with xpando's data converter (and, while tracing is on, the tracing interceptor,
+    which the client's workers inherit), trying ``attempts`` times while it starts; raises
+    :class:`TemporalUnreachable` naming the address when every attempt failed."""
+    runtime = runtime or metrics_runtime()
     last: Exception | None = None
     for attempt in range(max(1, attempts)):
         try:
@@ -120,6 +123,7 @@ async def connect(
                 settings.temporal_target,
                 namespace=settings.temporal_namespace,
                 data_converter=data_converter,
+                interceptors=telemetry.client_interceptors(),
                 runtime=runtime,
                 tls=settings.temporal_tls,
                 api_key=(
@@ -205,17 +209,30 @@ RESTART_GRACE_S = 10.0
 STOPPED_STATUSES = (WorkerStatus.WORKER_STATUS_SHUTTING_DOWN, WorkerStatus.WORKER_STATUS_SHUTDOWN)
 
 _RUNTIMES: dict[float, Runtime] = {}
+_metrics_runtime: Runtime | None = None
 
 
 def heartbeat_runtime(interval_s: float) -> Runtime:
     """A Temporal runtime whose workers send a heartbeat every ``interval_s`` seconds (what
-    ``NodeLiveness`` sweeps). One per interval per process, kept for the process's life."""
+    ``NodeLiveness`` sweeps). One per interval per process, kept for the process's life; the
+    first built after ``telemetry.want_sdk_metrics()`` exports the SDK's metrics."""
     runtime = _RUNTIMES.get(interval_s)
     if runtime is None:
         runtime = _RUNTIMES[interval_s] = Runtime(
-            telemetry=TelemetryConfig(), worker_heartbeat_interval=timedelta(seconds=interval_s)
+            telemetry=telemetry.temporal_telemetry(),
+            worker_heartbeat_interval=timedelta(seconds=interval_s),
         )
     return runtime
+
+
+def metrics_runtime() -> Runtime | None:
+    """The runtime of a client that names none: the SDK's default, unless this process wants
+    the SDK's metrics and no runtime exports them yet (then one that does, kept for the
+    process's life)."""
+    global _metrics_runtime
+    if _metrics_runtime is None and telemetry.sdk_metrics_wanted():
+        _metrics_runtime = Runtime(telemetry=telemetry.temporal_telemetry())
+    return _metrics_runtime
 
 
 class NodeLiveness:

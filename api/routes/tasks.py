@@ -18,6 +18,7 @@ from api.deps import AuthRoute, SessionDep, SettingsDep, TemporalClientDep, requ
 from api.errors import ApiError, responses
 from api.schemas import ID_PATTERN, Links, TaskAccepted, TaskCreate, TaskView
 from workflows.task import TaskWorkflow
+from xpando import metrics
 from xpando import temporal as sa
 from xpando.auth.keys import Scope
 from xpando.contracts import AggregationStrategy, Contribution, TaskInput, TaskResult
@@ -129,6 +130,7 @@ async def submit_task(
                 f"Idempotency-Key {idempotency_key!r} was already used for a different request",
             )
     response.headers["Location"] = f"/v1/tasks/{task_id}"
+    metrics.TASKS_SUBMITTED.inc()
     log.info("task submitted", task_id=task_id, k=k)  # with the principal bound (AuthRoute)
     return TaskAccepted(task_id=task_id, links=_links(settings, task_id))
 

@@ -39,6 +39,7 @@ class Scope(StrEnum):
     NODES_READ = "nodes:read"
     PAYOUTS_READ = "payouts:read"
     PAYOUTS_APPROVE = "payouts:approve"  # settle an epoch, approve its payouts
+    METRICS_READ = "metrics:read"  # scrape /metrics (give Prometheus a key with only this)
     ADMIN = "admin"  # manage keys; holds every other scope too
 
 

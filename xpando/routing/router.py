@@ -14,7 +14,7 @@ import numpy as np
 from numpy.typing import NDArray
 from temporalio.exceptions import ApplicationError
 
-from xpando import breakers
+from xpando import breakers, metrics
 from xpando.contracts import (
     RouteCandidate,
     RouteInput,
@@ -61,7 +61,19 @@ class Router:
         """Choose ``k`` live experts for the prompt, plus standbys (score, selection and
         exploration: ``xpando/routing/index.py``). Nodes behind an open circuit breaker and nodes
         whose worker is not polling are skipped (a half-open breaker's node may be chosen as its
-        one probe); every chosen, standby and top skipped candidate is explained."""
+        one probe); every chosen, standby and top skipped candidate is explained. Each decision
+        is timed (``xpando_routing_decision_seconds``)."""
+        with metrics.timed(metrics.ROUTING_DURATION) as timing:
+            try:
+                result = await self._decide(input)
+            except ApplicationError as err:
+                if err.type == "NoExpertsAvailable":
+                    timing.outcome = "no_experts"
+                raise
+            timing.outcome = "routed"
+            return result
+
+    async def _decide(self, input: RouteInput) -> RouteResult:
         index = self.index
         cfg = index.config
         vector = await index.embed_prompt(input.prompt)
