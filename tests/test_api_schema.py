@@ -75,6 +75,9 @@ def api_url(temporal_target: str, tmp_path: Path) -> Iterator[str]:
         api_port=free_port(),
         log_format="console",
         log_level="WARNING",
+        # No expert runs here: tasks fail at once rather than wait for one, so a stream of
+        # their events (GET /v1/tasks/{id}/events) ends instead of outliving the request timeout.
+        task_wait_for_experts_s=0,
     )
     server = uvicorn.Server(
         uvicorn.Config(
