@@ -48,6 +48,10 @@ def get_registry(request: Request) -> NodeRegistry:
     return cast(NodeRegistry, request.app.state.registry)
 
 
+def get_sessions(request: Request) -> SessionFactory:
+    return cast(SessionFactory, request.app.state.sessions)
+
+
 async def get_session(request: Request) -> AsyncIterator[AsyncSession]:
     sessions = cast(SessionFactory, request.app.state.sessions)
     async with sessions() as session:
@@ -57,6 +61,8 @@ async def get_session(request: Request) -> AsyncIterator[AsyncSession]:
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 TemporalClientDep = Annotated[Client, Depends(get_temporal)]
 SessionDep = Annotated[AsyncSession, Depends(get_session)]
+# For a route that streams: a session of its own, only while it needs one.
+SessionFactoryDep = Annotated[SessionFactory, Depends(get_sessions)]
 LivenessDep = Annotated[NodeLiveness, Depends(get_liveness)]
 RegistryDep = Annotated[NodeRegistry, Depends(get_registry)]
 
@@ -190,6 +196,23 @@ class AuthRoute(APIRoute):
         return authorized
 
 
+def get_principal(request: Request) -> Principal | None:
+    """The caller, as its route's :func:`require` checked it (None on an open route)."""
+    principal = getattr(request.state, "principal", None)
+    return principal if isinstance(principal, Principal) else None
+
+
+def may_see(principal: Principal | None, owner: str | None) -> bool:
+    """A task is its owner's, and every admin's."""
+    return principal is None or principal.is_admin or principal.name == owner
+
+
+def owner_filter(principal: Principal | None) -> str | None:
+    """The owner whose tasks the caller may list (None: every task)."""
+    return None if principal is None or principal.is_admin else principal.name
+
+
+PrincipalDep = Annotated[Principal | None, Depends(get_principal)]
 PayoutApprover = Annotated[Principal, Depends(require(Scope.PAYOUTS_APPROVE))]
 Admin = Annotated[Principal, Depends(require(Scope.ADMIN))]
 

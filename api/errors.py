@@ -25,9 +25,23 @@ ERROR_DESCRIPTIONS = {
     "request signed by another key than the node's",
     404: "Not found",
     409: "Conflicts with the current state",
+    410: "Gone: kept no longer (past the retention of Temporal's history)",
     413: "The request body is larger than XPANDO_API_MAX_BODY_BYTES",
     422: "Invalid request: a field, parameter or body is out of its bounds",
     503: "A backing service (Temporal, an embedder) is unavailable; retry later",
+}
+
+# What an error of each status looks like (a route may show its own, see ``responses``).
+ERROR_EXAMPLES: dict[int, tuple[str, str]] = {
+    400: ("bad_request", "the request cannot be read"),
+    401: ("unauthenticated", "this route needs an API key: send 'Authorization: Bearer xpd_…'"),
+    403: ("forbidden", "this route needs an API key with scope 'tasks:read' (or 'admin')"),
+    404: ("not_found", "no such resource"),
+    409: ("conflict", "the request conflicts with the current state"),
+    410: ("gone", "kept no longer"),
+    413: ("body_too_large", "the request body is larger than 262144 bytes"),
+    422: ("validation_error", "invalid request: limit: Input should be less than or equal to 100"),
+    503: ("temporal_unavailable", "Temporal is unavailable (connection refused); retry later"),
 }
 
 # Temporal answers these when it cannot be reached or does not answer in time.
@@ -52,9 +66,27 @@ class ApiError(Exception):
         self.headers = headers
 
 
-def responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
-    """The ``responses=`` of a route: each error status with the error model."""
-    return {s: {"model": ErrorBody, "description": ERROR_DESCRIPTIONS[s]} for s in statuses}
+def responses(
+    *statuses: int,
+    examples: dict[int, tuple[str, str]] | None = None,
+    streaming: bool = False,
+) -> dict[int | str, dict[str, Any]]:
+    """The ``responses=`` of a route: each error status with the error model and an example
+    (``examples``: this route's own (code, message) for some statuses). ``streaming``: the
+    route's own responses are not JSON (FastAPI would file the error model under their media
+    type), its errors still are."""
+    mine = {**ERROR_EXAMPLES, **(examples or {})}
+    declared: dict[int | str, dict[str, Any]] = {}
+    for status in statuses:
+        content: dict[str, Any] = {"example": _body(*mine[status])}
+        entry: dict[str, Any] = {"description": ERROR_DESCRIPTIONS[status]}
+        if streaming:
+            content["schema"] = {"$ref": f"#/components/schemas/{ErrorBody.__name__}"}
+        else:
+            entry["model"] = ErrorBody
+        entry["content"] = {"application/json": content}
+        declared[status] = entry
+    return declared
 
 
 def _allowed(app: FastAPI, path: str) -> str:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+import re
+from datetime import UTC, datetime, timedelta
+from enum import StrEnum
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -22,6 +24,7 @@ from xpando.contracts import (
     BreakerView,
     CleanText,
     Contribution,
+    ContributionStatus,
     KnowledgeReuse,
     NodeAction,
     NodeDomain,
@@ -29,6 +32,10 @@ from xpando.contracts import (
     Provenance,
     RoutingReport,
     SignedNodeRequest,
+    TaskEvent,
+    TaskEventType,
+    TaskResult,
+    TaskStage,
     refuse_unsafe_text,
 )
 from xpando.contracts_payouts import PayoutSagaResult
@@ -36,6 +43,7 @@ from xpando.contracts_payouts import PayoutSagaResult
 PROMPT_MAX_CHARS = 8000
 K_MIN, K_MAX = 1, 9
 ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"
+NODE_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 # Clean text that is refused when blank: it is stripped before the limits apply, and the pattern
 # tells clients so (no unsafe control character, and one character that is not whitespace).
 NOT_BLANK = rf"^[^{UNSAFE_CONTROLS}]*[^\s{UNSAFE_CONTROLS}][^{UNSAFE_CONTROLS}]*$"
@@ -64,6 +72,19 @@ def _json_number(value: Any) -> Any:
 
 
 ExpertCount = Annotated[int, Field(ge=K_MIN, le=K_MAX), BeforeValidator(_json_number)]
+
+_RFC3339 = re.compile(r"^\d{4}-\d{2}-\d{2}[Tt]\d{2}:\d{2}:\d{2}(\.\d+)?([Zz]|[+-]\d{2}:\d{2})$")
+
+
+def _rfc3339(value: Any) -> Any:
+    """A date-time as the schema says (RFC 3339, with its offset): pydantic would also read a
+    number of seconds (``since=0.5``), a bare date or a time without a zone."""
+    if isinstance(value, str) and not _RFC3339.match(value):
+        raise PydanticCustomError("datetime_type", "Input should be an RFC 3339 date-time")
+    return value
+
+
+DateTimeParam = Annotated[datetime, BeforeValidator(_rfc3339)]
 DeadlineS = Annotated[float, Field(gt=0, le=600), BeforeValidator(_json_number)]
 
 
@@ -116,7 +137,9 @@ class TaskAccepted(BaseModel):
 
 class TaskView(BaseModel):
     task_id: str
-    status: str = Field(description="running, completed, failed, canceled, terminated, timed_out")
+    status: str = Field(
+        description="running, completed, failed, cancelled, terminated, timed_out (or unknown)"
+    )
     stage: str | None = None
     domain: str | None = None
     prompt: str | None = None
@@ -139,6 +162,82 @@ class TaskView(BaseModel):
     @computed_field(description="What the task's provider calls cost in USD (all contributions)")
     def cost_usd(self) -> float:
         return round(sum(c.cost_usd for c in self.contributions), 8)
+
+
+class TaskStatus(StrEnum):
+    """A task's status in the listing: ``running`` and ``waiting`` (for a live expert) while
+    its workflow runs, then the status it was recorded with."""
+
+    RUNNING = "running"
+    WAITING = "waiting"
+    COMPLETED = TaskStage.COMPLETED.value
+    FAILED = TaskStage.FAILED.value
+    CANCELLED = TaskStage.CANCELLED.value
+
+
+class TaskSummary(BaseModel):
+    task_id: str
+    status: TaskStatus
+    domain: str | None = Field(None, description="general when the task named none")
+    owner: str | None = Field(None, description="The name of the principal that submitted it")
+    nodes: list[str] = Field(default_factory=list, description="The experts asked")
+    submitted_at: datetime = Field(description="When its workflow started")
+    completed_at: datetime | None = Field(None, description="When it was recorded")
+    links: Links
+
+
+class TaskList(BaseModel):
+    tasks: list[TaskSummary] = Field(description="Newest first; a page may hold fewer than limit")
+    next_cursor: str | None = Field(
+        None, description="Pass as cursor= for the next page; null on the last one"
+    )
+
+
+# A page's cursor: its last task's submission time (microseconds since the Unix epoch) and id.
+# Clients pass it back as it is; any string of this shape is a place in the listing.
+CURSOR_PATTERN = r"^-?[0-9]{1,18}~[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_FIRST, _LAST = datetime.min.replace(tzinfo=UTC), datetime.max.replace(tzinfo=UTC)
+
+
+class TaskCursor(BaseModel):
+    """Where a page of GET /v1/tasks ended: its last task's key."""
+
+    submitted_at: datetime
+    task_id: str
+
+    def encode(self) -> str:
+        micros = (self.submitted_at - _EPOCH) // timedelta(microseconds=1)
+        return f"{micros}~{self.task_id}"
+
+    @classmethod
+    def decode(cls, cursor: str) -> TaskCursor:
+        """Raises ValueError for a string not of CURSOR_PATTERN's shape; a time past either
+        end of the calendar is that end."""
+        if not re.fullmatch(CURSOR_PATTERN, cursor):
+            raise ValueError(f"not a cursor of this listing: {cursor[:40]!r}")
+        micros, task_id = cursor.split("~", 1)
+        try:
+            at = _EPOCH + timedelta(microseconds=int(micros))
+        except OverflowError:
+            at = _FIRST if micros.startswith("-") else _LAST
+        return cls(submitted_at=at, task_id=task_id)
+
+
+class TaskCancelled(BaseModel):
+    task_id: str
+    status: Literal["cancelled", "cancelling"] = Field(
+        description="cancelled; cancelling when the task has not ended yet (no core worker "
+        "answered in time): it will, and GET /v1/tasks/{task_id} will say so"
+    )
+    answered: list[str] = Field(
+        default_factory=list, description="The experts that had answered (ok or no_answer)"
+    )
+    unanswered: list[str] = Field(
+        default_factory=list, description="The experts asked that had not (cancelled or failed)"
+    )
+    contributions: list[Contribution] = Field(default_factory=list)
+    links: Links
 
 
 class NodeView(BaseModel):
@@ -392,3 +491,118 @@ class KeyCreated(KeyView):
 class KeyList(BaseModel):
     keys: list[KeyView]
     count: int
+
+
+# --- examples (OpenAPI) --------------------------------------------------------------------------
+# Built from the models themselves, so an example cannot drift from the schema it illustrates.
+
+_EXAMPLE_TASK = "task-5f0c9a1e2b7d4c3e8a9f6b1d2c3e4f50"
+_EXAMPLE_AT = datetime(2025, 6, 1, 12, 0, 0, tzinfo=UTC)
+_EXAMPLE_LINKS = Links(
+    self=f"http://127.0.0.1:8000/v1/tasks/{_EXAMPLE_TASK}",
+    ui=f"http://127.0.0.1:8233/namespaces/default/workflows/{_EXAMPLE_TASK}",
+)
+_EXAMPLE_CONTRIBUTIONS = [
+    Contribution(
+        node_id="cooking-eu-1",
+        region="eu-west",
+        provider="openai",
+        model="gpt-4o-mini",
+        status=ContributionStatus.OK,
+        answer="About six minutes in boiling water.",
+        relevance=0.92,
+        quality=0.88,
+        latency_ms=840,
+        input_tokens=212,
+        output_tokens=64,
+        finish_reason="stop",
+        cost_usd=0.00007,
+    ),
+    Contribution(
+        node_id="cooking-us-1",
+        region="us-east",
+        provider="anthropic",
+        model="claude-3-5-haiku",
+        status=ContributionStatus.FAILED,
+        latency_ms=1210,
+        error_type="Cancelled",
+        error="Cancelled: the task was cancelled before this expert answered",
+    ),
+]
+EXAMPLE_TASK_ACCEPTED = TaskAccepted(task_id=_EXAMPLE_TASK, links=_EXAMPLE_LINKS)
+EXAMPLE_TASK_VIEW = TaskView(
+    task_id=_EXAMPLE_TASK,
+    status="completed",
+    stage="completed",
+    domain="cooking",
+    prompt="How many minutes to boil a soft egg?",
+    answer="About six minutes in boiling water.",
+    confidence=0.81,
+    chosen=["cooking-eu-1", "cooking-us-1"],
+    contributions=_EXAMPLE_CONTRIBUTIONS[:1],
+    strategy=AggregationStrategy.CONSENSUS,
+    completed_at=_EXAMPLE_AT,
+    links=_EXAMPLE_LINKS,
+)
+EXAMPLE_TASK_LIST = TaskList(
+    tasks=[
+        TaskSummary(
+            task_id=_EXAMPLE_TASK,
+            status=TaskStatus.COMPLETED,
+            domain="cooking",
+            owner="alice",
+            nodes=["cooking-eu-1", "cooking-us-1"],
+            submitted_at=_EXAMPLE_AT,
+            completed_at=_EXAMPLE_AT,
+            links=_EXAMPLE_LINKS,
+        )
+    ],
+    next_cursor=TaskCursor(submitted_at=_EXAMPLE_AT, task_id=_EXAMPLE_TASK).encode(),
+)
+EXAMPLE_TASK_CANCELLED = TaskCancelled(
+    task_id=_EXAMPLE_TASK,
+    status="cancelled",
+    answered=["cooking-eu-1"],
+    unanswered=["cooking-us-1"],
+    contributions=_EXAMPLE_CONTRIBUTIONS,
+    links=_EXAMPLE_LINKS,
+)
+EXAMPLE_TASK_CANCELLING = TaskCancelled(
+    task_id=_EXAMPLE_TASK, status="cancelling", links=_EXAMPLE_LINKS
+)
+EXAMPLE_TASK_EVENTS = [
+    TaskEvent(id=1, type=TaskEventType.STAGE, at=_EXAMPLE_AT, stage=TaskStage.PLANNING),
+    TaskEvent(id=2, type=TaskEventType.STAGE, at=_EXAMPLE_AT, stage=TaskStage.ANSWERING),
+    TaskEvent(
+        id=3,
+        type=TaskEventType.CONTRIBUTION,
+        at=_EXAMPLE_AT,
+        contribution=_EXAMPLE_CONTRIBUTIONS[0],
+    ),
+    TaskEvent(id=4, type=TaskEventType.STAGE, at=_EXAMPLE_AT, stage=TaskStage.AGGREGATING),
+    TaskEvent(id=5, type=TaskEventType.STAGE, at=_EXAMPLE_AT, stage=TaskStage.COMPLETED),
+    TaskEvent(
+        id=6,
+        type=TaskEventType.RESULT,
+        at=_EXAMPLE_AT,
+        result=TaskResult(
+            task_id=_EXAMPLE_TASK,
+            prompt="How many minutes to boil a soft egg?",
+            answer="About six minutes in boiling water.",
+            confidence=0.81,
+            domain="cooking",
+            contributions=_EXAMPLE_CONTRIBUTIONS[:1],
+            completed_at=_EXAMPLE_AT,
+        ),
+    ),
+]
+
+
+def example(model: BaseModel, description: str | None = None) -> dict[str, Any]:
+    """A ``responses=`` entry whose JSON body example is ``model``."""
+    entry: dict[str, Any] = {
+        "content": {"application/json": {"example": model.model_dump(mode="json")}}
+    }
+    if description is not None:
+        entry["description"] = description
+    return entry

@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 
 # Exit statuses: one per kind of failure, so a script can tell them apart.
 EXIT_OK = 0
-EXIT_TASK_FAILED = 1  # the task ran and failed (task get, task submit --wait)
+EXIT_TASK_FAILED = 1  # the task ran and failed (task get, task submit --wait/--follow)
 EXIT_USAGE = 2  # bad arguments, settings or configuration
 EXIT_NOT_FOUND = 3  # no such task
 EXIT_UNREACHABLE = 4  # Temporal, the database or a core worker did not answer
@@ -38,7 +38,7 @@ EXIT_INTERRUPTED = 130  # Ctrl-C
 EXIT_STATUSES = f"""\
 exit status:
   {EXIT_OK}    success
-  {EXIT_TASK_FAILED}    the task failed (task get, task submit --wait)
+  {EXIT_TASK_FAILED}    the task failed or was cancelled (task get, task submit --wait/--follow)
   {EXIT_USAGE}    bad arguments, settings or configuration
   {EXIT_NOT_FOUND}    not found (no such task, no such API key)
   {EXIT_UNREACHABLE}    unreachable: Temporal, the database or a core worker did not answer
@@ -186,7 +186,14 @@ def _parser() -> argparse.ArgumentParser:
     submit.add_argument("--quorum", type=int, help="go on once this many experts answered")
     submit.add_argument("--deadline-s", type=float, help="go on after this with what answered")
     submit.add_argument("--id", help="task id (default task-<uuid>)")
-    submit.add_argument("--wait", action="store_true", help="wait for and print the result")
+    until = submit.add_mutually_exclusive_group()
+    until.add_argument("--wait", action="store_true", help="wait for and print the result")
+    until.add_argument(
+        "--follow",
+        action="store_true",
+        help="print the task's events as they happen, one JSON line each (as GET "
+        "/v1/tasks/{id}/events streams them), until its result or error",
+    )
     get = tsub.add_parser("get", help="print a task's progress or result")
     get.add_argument("task_id")
     return p
@@ -672,7 +679,16 @@ async def _task(args: argparse.Namespace, settings: Settings) -> int:
         id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
         search_attributes=temporal.initial_task_attributes(args.domain),
     )
-    print(json.dumps({"task_id": task_id, "ui": settings.workflow_ui_url(task_id)}))
+    print(json.dumps({"task_id": task_id, "ui": settings.workflow_ui_url(task_id)}), flush=True)
+    if args.follow:
+        from api.routes.tasks import follow_events
+        from xpando.contracts import TaskEventType
+
+        last = None
+        async for event in follow_events(handle):
+            print(event.model_dump_json(), flush=True)
+            last = event
+        return EXIT_TASK_FAILED if last is None or last.type == TaskEventType.ERROR else EXIT_OK
     if args.wait:
         try:
             result = await handle.result()

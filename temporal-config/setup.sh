@@ -29,6 +29,7 @@ SEARCH_ATTRIBUTES=(
   "XpandoDomain:Keyword"
   "XpandoStatus:Keyword"
   "XpandoNodes:KeywordList"
+  "XpandoOwner:Keyword"
 )
 
 log() { printf '[temporal-setup] %s\n' "$*" >&2; }

@@ -62,6 +62,9 @@ def api(temporal_target: str, tmp_path: Path) -> Iterator[tuple[str, str]]:
         api_port=free_port(),
         log_format="console",
         log_level="WARNING",
+        # No expert runs here: tasks fail at once rather than wait for one, so a stream of
+        # their events (GET /v1/tasks/{id}/events) ends instead of outliving the request timeout.
+        task_wait_for_experts_s=0,
     )
     key = asyncio.run(issue_admin_key(app_settings))
     with served_api(app_settings) as url:

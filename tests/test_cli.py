@@ -4,6 +4,7 @@ reason and what to do, with its own exit status, and no traceback unless ``--deb
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import subprocess
@@ -11,6 +12,7 @@ import sys
 import uuid
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import pytest
 from solders.keypair import Keypair
@@ -19,16 +21,17 @@ from temporalio.common import WorkflowIDConflictPolicy
 
 from cli.main import (
     EXIT_NOT_FOUND,
+    EXIT_OK,
     EXIT_REFUSED,
     EXIT_UNREACHABLE,
     EXIT_USAGE,
 )
-from tests.conftest import api_client, bearer, running
+from tests.conftest import api_client, bearer, offline_network, running
 from workers.core import build_core_worker
 from workers.node import NodeSpec, build_node, register
 from workflows.task import TaskWorkflow
 from xpando.auth.keys import KEY_RE, Scope
-from xpando.contracts import TaskInput
+from xpando.contracts import TaskEvent, TaskEventsInput, TaskEventType, TaskInput
 from xpando.db import SessionFactory
 from xpando.settings import Settings
 
@@ -319,3 +322,39 @@ async def test_keys_are_created_listed_and_revoked_from_the_command_line(
         )
         refused = await http.get("/v1/nodes", headers=bearer(key))
         assert refused.status_code == 401 and "revoked" in refused.json()["error"]["message"]
+
+
+async def test_submit_follow_prints_the_task_events_one_line_each(
+    tmp_path: Path,
+    client: Client,
+    settings: Settings,
+    sessions: SessionFactory,
+    corpus_dir: Path,
+    temporal_target: str,
+) -> None:
+    nodes = [("cooking", "us-east"), ("gardening", "eu-west")]
+    env = _env(
+        tmp_path,
+        XPANDO_TEMPORAL_ADDRESS=temporal_target,
+        XPANDO_CORE_TASK_QUEUE=settings.core_task_queue,
+    )
+    async with offline_network(client, settings, sessions, corpus_dir, nodes):
+        out = await _xpando_async(
+            "task", "submit", "How do I water tomato plants?", "--k", "2", "--follow", env=env
+        )
+        assert out.returncode == EXIT_OK, out.stderr
+        lines = out.stdout.strip().splitlines()
+        task_id = json.loads(lines[0])["task_id"]
+        log = await client.get_workflow_handle_for(TaskWorkflow.run, task_id).query(
+            TaskWorkflow.events, TaskEventsInput()
+        )
+    printed = [TaskEvent.model_validate_json(line) for line in lines[1:]]
+
+    # The stream the API serves, as the workflow keeps it (when is left out: a workflow task
+    # that is retried logs its events again at its own time).
+    def told(event: TaskEvent) -> dict[str, Any]:
+        return event.model_dump(exclude={"at": True, "result": {"completed_at"}})
+
+    assert [told(e) for e in printed] == [told(e) for e in log.events]
+    assert [e.type for e in printed][-1] == TaskEventType.RESULT
+    assert sum(e.type == TaskEventType.CONTRIBUTION for e in printed) == 2

@@ -48,6 +48,7 @@ class FanOutCase(BaseModel):
     task: TaskInput
     route: RouteResult
     more: list[RouteCandidate] = []  # what a reroute finds (before its exclusions)
+    cancel_after: int | None = None  # cancel the fan-out once this many experts answered
 
 
 class FanOutReport(BaseModel):
@@ -56,6 +57,7 @@ class FanOutReport(BaseModel):
     answered: int
     failed: int
     reported: list[Contribution]  # every contribution the fan-out reported, in order
+    arrived: list[str]  # the node of every contribution, as it joined the result
     excluded: list[list[str]]  # the nodes each reroute was told to exclude
 
 
@@ -73,14 +75,30 @@ class FanOutWorkflow:
         async def report(contribution: Contribution) -> None:
             reported.append(contribution)
 
-        fan_out = FanOut.for_task(case.task, case.route, [], reroute=reroute, report=report)
-        contributions = await fan_out.run()
+        arrived: list[str] = []
+        fan_out = FanOut.for_task(
+            case.task,
+            case.route,
+            [],
+            reroute=reroute,
+            report=report,
+            arrived=lambda c: arrived.append(c.node_id),
+        )
+        running = asyncio.create_task(fan_out.run())
+        if case.cancel_after is not None:
+            cancel_after = case.cancel_after
+            await workflow.wait_condition(
+                lambda: fan_out.answered >= cancel_after or running.done()
+            )
+            fan_out.cancel()
+        contributions = await running
         return FanOutReport(
             contributions=contributions,
             asked=fan_out.asked,
             answered=fan_out.answered,
             failed=fan_out.failed,
             reported=reported,
+            arrived=arrived,
             excluded=excluded,
         )
 
@@ -164,6 +182,7 @@ async def _fan_out(
     *,
     more: list[RouteCandidate] = [],  # noqa: B006
     cancelled: Sequence[str] = (),
+    cancel_after: int | None = None,
     **task: object,
 ) -> FanOutReport:
     """Run one fan-out; ``cancelled``: the hung asks it must cancel, waited for while the
@@ -185,6 +204,7 @@ async def _fan_out(
                 task=TaskInput(task_id=queue, prompt="why does bread need yeast", **task),
                 route=RouteResult(chosen=chosen, standbys=standbys),
                 more=more,
+                cancel_after=cancel_after,
             ),
             id=queue,
             task_queue=queue,
@@ -280,7 +300,30 @@ async def test_at_the_quorum_the_stragglers_are_cancelled(env: WorkflowEnvironme
     assert straggler.status == ContributionStatus.FAILED
     assert straggler.error_type == "QuorumReached"
     assert (report.answered, report.failed) == (2, 0)
+    assert sorted(report.arrived) == sorted(by_node)  # the straggler's contribution too
     assert hung.node_id not in [x.node_id for x in report.reported]  # not held against it
+
+
+async def test_a_cancelled_fan_out_cancels_what_still_runs(env: WorkflowEnvironment) -> None:
+    quick, hung, slow = _node("quick"), _node("hung"), _node("slow")
+    experts = Experts({quick.node_id: "ok", hung.node_id: "hang", slow.node_id: "hang"})
+    report = await _fan_out(
+        env,
+        experts,
+        [quick, hung, slow],
+        [_node("spare")],
+        cancel_after=1,
+        cancelled=[hung.node_id, slow.node_id],  # their activities see it (heartbeat)
+    )
+    by_node = _by_node(report)
+    assert by_node[quick.node_id].status == ContributionStatus.OK
+    for node in (hung, slow):
+        assert by_node[node.node_id].status == ContributionStatus.FAILED
+        assert by_node[node.node_id].error_type == "Cancelled"
+    assert (report.answered, report.failed) == (1, 0)
+    assert [x.node_id for x in report.reported] == [quick.node_id]  # cancelled: not held
+    assert report.arrived[0] == quick.node_id and sorted(report.arrived) == sorted(by_node)
+    assert report.asked == [quick.node_id, hung.node_id, slow.node_id]  # no standby
 
 
 async def test_past_the_deadline_the_fan_out_goes_on_with_the_answers_it_has(

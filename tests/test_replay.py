@@ -6,8 +6,9 @@ after an intended change, re-record them all on the new code with
     XPANDO_RECORD_HISTORIES=1 pytest tests/test_task_workflow.py tests/test_provider_failover.py \
         tests/test_quorum_and_reputation.py tests/test_knowledge.py tests/test_node_identity.py \
         tests/test_payout_saga.py tests/test_payout_schedule.py -k "domain_expert or \
-        slow_expert_is_hedged or quorum_is_reached or paraphrase or continues_as_new or \
-        registration_goes_through or approval_through or runs_dry or tick_settles"
+        slow_expert_is_hedged or quorum_is_reached or paraphrase or cancelled_task or \
+        continues_as_new or registration_goes_through or approval_through or runs_dry or \
+        tick_settles"
 
 (the tests that write them: grep for XPANDO_RECORD_HISTORIES).
 """
@@ -41,6 +42,7 @@ def test_every_behaviour_has_one_recorded_history() -> None:
         "task_workflow_failover",  # a slow expert hedged, its standby answering first
         "task_workflow_quorum",  # a quorum reached, the straggler cancelled
         "task_workflow_reused",  # answered from stored knowledge
+        "task_workflow_cancelled",  # cancelled with one expert answered, two cancelled
         "knowledge_workflow",  # consolidations, then continue-as-new
         "node_registration_signed",  # a node worker's signed registration
         "payout_saga_workflow",  # an approval update, paid batches, reconciliation

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from temporalio import activity
 from temporalio.client import Client, WorkflowFailureError
-from temporalio.exceptions import ApplicationError
+from temporalio.exceptions import ApplicationError, CancelledError
 from temporalio.worker import Worker
 
 from tests.conftest import offline_network, wait_for, wait_live
@@ -25,6 +25,8 @@ from xpando.contracts import (
     ContributionStatus,
     NodeDomain,
     NodeProfile,
+    TaskEventsInput,
+    TaskEventType,
     TaskInput,
     TaskResult,
     TaskStage,
@@ -303,3 +305,97 @@ async def test_progress_query_shows_the_stage_while_experts_work(
         assert progress.chosen == [node]
         await handle.result()
         assert (await handle.query(TaskWorkflow.progress)).stage == TaskStage.COMPLETED
+
+
+class _Panel:
+    """Fake experts: ``quick`` ones answer at once, the others work (heartbeating) until
+    cancelled, and say so."""
+
+    def __init__(self, quick: set[str]) -> None:
+        self.cancelled: list[str] = []
+
+        @activity.defn(name="answer")
+        async def answer(input: AnswerInput) -> Contribution:
+            if input.node_id not in quick:
+                try:
+                    while True:
+                        activity.heartbeat()
+                        await asyncio.sleep(0.1)
+                except asyncio.CancelledError:
+                    self.cancelled.append(input.node_id)
+                    raise
+            return Contribution(
+                node_id=input.node_id,
+                region="eu-west",
+                provider="fake",
+                model="fake-1",
+                status=ContributionStatus.OK,
+                answer=f"bread needs yeast ({input.node_id})",
+                relevance=0.9,
+            )
+
+        self.answer = answer
+
+
+async def test_a_cancelled_task_stops_its_experts_and_is_recorded_with_who_answered(
+    client: Client, settings: Settings, sessions: SessionFactory
+) -> None:
+    quick, slow = _ids("quick"), [_ids("hung"), _ids("hung")]
+    nodes = [quick, *slow]
+    await _register_fake_nodes(sessions, nodes, ["bread", "yeast", "dough"])
+    panel = _Panel({quick})
+    async with AsyncExitStack() as stack:
+        await stack.enter_async_context(
+            build_core_worker(client, sessions=sessions, settings=settings)
+        )
+        for node_id in nodes:
+            await stack.enter_async_context(
+                Worker(client, task_queue=node_task_queue(node_id), activities=[panel.answer])
+            )
+        await wait_live(client, *(node_task_queue(n) for n in nodes))
+        task_id = _ids("task")
+        handle = await client.start_workflow(
+            TaskWorkflow.run,
+            TaskInput(task_id=task_id, prompt="why does bread need yeast", k=3),
+            id=task_id,
+            task_queue=settings.core_task_queue,
+        )
+
+        async def one_answered() -> bool:
+            return (await handle.query(TaskWorkflow.progress)).answered == 1
+
+        await wait_for(one_answered, timeout=15, every=0.05)
+        await handle.cancel(reason="by the test")
+        with pytest.raises(WorkflowFailureError) as info:
+            await handle.result()
+
+        # The hung experts' calls are cancelled too (at their next heartbeat), not abandoned.
+        async def both_stopped() -> bool:
+            return sorted(panel.cancelled) == sorted(slow)
+
+        await wait_for(both_stopped, timeout=20)
+        log = await handle.query(TaskWorkflow.events, TaskEventsInput())
+        if os.environ.get("XPANDO_RECORD_HISTORIES"):
+            history = await handle.fetch_history()
+            (HISTORY_DIR / "task_workflow_cancelled.json").write_text(history.to_json())
+    assert isinstance(info.value.cause, CancelledError)
+
+    async with sessions() as s:
+        found = await queries.get_task(session=s, task_id=task_id)
+    assert found is not None
+    task, rows = found
+    assert task.status == "cancelled" and task.completed_at is not None
+    assert task.error is not None and "by the test" in task.error and quick in task.error
+    by_node = {r.node_id: r for r in rows}
+    assert set(by_node) == set(nodes)
+    assert by_node[quick].status == "ok"
+    assert all(by_node[n].status == "failed" and by_node[n].error_type == "Cancelled" for n in slow)
+
+    # The event log tells the same story and ends with the cancellation.
+    types = [e.type for e in log.events]
+    assert log.ended and [e.id for e in log.events] == list(range(1, len(log.events) + 1))
+    arrived = [e.contribution.node_id for e in log.events if e.contribution is not None]
+    assert arrived[0] == quick and sorted(arrived) == sorted(nodes)
+    assert log.events[-2].stage == TaskStage.CANCELLED
+    assert types[-1] == TaskEventType.ERROR and log.events[-1].error is not None
+    assert log.events[-1].error.type == "Cancelled"

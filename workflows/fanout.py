@@ -9,6 +9,8 @@ its dependencies as callables, so a test can hand it others:
   activity on the node's own queue).
 - ``reroute(exclude)``: more standbys once they are used up (none when nobody is left).
 - ``report(contribution)``: an ask's outcome, as soon as it is known, for the circuit breakers.
+- ``arrived(contribution)`` (optional): every contribution as it joins the result, for the
+  task's event log.
 """
 
 from __future__ import annotations
@@ -69,6 +71,7 @@ MAX_REROUTES = 2
 Ask = Callable[[RouteCandidate], Coroutine[Any, Any, Contribution]]
 Reroute = Callable[[list[str]], Awaitable[list[RouteCandidate]]]
 Report = Callable[[Contribution], Awaitable[None]]
+Arrived = Callable[[Contribution], None]
 
 
 class FanOut:
@@ -87,12 +90,17 @@ class FanOut:
     at the first); the asks still running are cancelled and recorded as ``QuorumReached``
     stragglers, which neither the breakers nor the reputations count.
 
-    ``report`` is awaited for every ask that ended on its own and for an overdue ask beaten by
-    its standby; not for a standby that lost, nor for a straggler. Asks launched at the same
-    moment share one hedge timer.
+    ``cancel()``, or cancelling what awaits ``run`` (the workflow's cancellation), ends it the
+    same way at once, whatever answered: the asks still running are cancelled and recorded as
+    ``Cancelled``; ``run`` then re-raises the cancellation, and ``contributions`` holds them all.
 
-    State, read by the workflow's progress query while it runs: ``asked`` (node ids, the chosen
-    first, then each standby as it is taken), ``answered`` and ``failed``.
+    ``report`` is awaited for every ask that ended on its own and for an overdue ask beaten by
+    its standby; not for a standby that lost, a straggler or a cancelled ask. ``arrived`` is
+    called for every contribution as it joins the result, whatever its outcome. Asks launched at
+    the same moment share one hedge timer.
+
+    State, read by the workflow's queries while it runs: ``asked`` (node ids, the chosen first,
+    then each standby as it is taken), ``answered``, ``failed`` and ``contributions``.
     """
 
     def __init__(
@@ -103,6 +111,7 @@ class FanOut:
         ask: Ask,
         reroute: Reroute,
         report: Report,
+        arrived: Arrived | None = None,
         hedge_after: timedelta = ANSWER_HEDGE_AFTER,
         quorum: int | None = None,
         deadline: timedelta | None = None,
@@ -112,6 +121,7 @@ class FanOut:
         self._ask = ask
         self._reroute = reroute
         self._report = report
+        self._arrived = arrived
         self._hedge_after = hedge_after
         self._quorum = _quorum(quorum, deadline, len(self._chosen))
         self._deadline = deadline
@@ -124,6 +134,8 @@ class FanOut:
         self._standby_lock = asyncio.Lock()
         self._hedge_at: dict[datetime, asyncio.Task[None]] = {}
         self._hedge_users: dict[asyncio.Task[None], int] = {}
+        self._stop = asyncio.Event()  # set at the quorum or deadline, or by cancel()
+        self._cancelled = False
 
     @classmethod
     def for_task(
@@ -134,6 +146,7 @@ class FanOut:
         *,
         reroute: Reroute,
         report: Report,
+        arrived: Arrived | None = None,
     ) -> FanOut:
         """The fan-out of one task's routing decision: each expert asked by ``ask_expert``,
         with the task's context, answer policy, quorum and deadline."""
@@ -143,25 +156,52 @@ class FanOut:
             ask=partial(ask_expert, task=task, context=context),
             reroute=reroute,
             report=report,
+            arrived=arrived,
             hedge_after=_hedge_after(task.answer_policy),
             quorum=task.quorum,
             deadline=timedelta(milliseconds=task.deadline_ms) if task.deadline_ms else None,
         )
 
     async def run(self) -> list[Contribution]:
-        """Every ask's contribution (answers, failures, losers, stragglers), by node id."""
+        """Every ask's contribution (answers, failures, losers, stragglers), by node id.
+
+        The slots run in a task of their own: a cancellation of the caller must not land inside
+        one of their steps (an ask, a reroute, a report) half-way; it becomes ``cancel()``."""
+        asking = asyncio.create_task(self._run())
+        try:
+            return await asyncio.shield(asking)
+        except asyncio.CancelledError:
+            self.cancel()
+            await asking
+            raise
+
+    def cancel(self) -> None:
+        """Stop now: each slot cancels what it still runs (recorded as ``Cancelled``)."""
+        self._cancelled = True
+        self._stop.set()
+
+    async def _run(self) -> list[Contribution]:
         if self._quorum is None:
             await asyncio.gather(*(self._slot(c) for c in self._chosen))
         else:
             await self._until_quorum(self._quorum)
+        return self.contributions
+
+    @property
+    def contributions(self) -> list[Contribution]:
+        """The contributions so far, by node id."""
         return sorted(self._results, key=lambda c: c.node_id)
+
+    def _add(self, contribution: Contribution) -> None:
+        self._results.append(contribution)
+        if self._arrived is not None:
+            self._arrived(contribution)
 
     async def _until_quorum(self, quorum: int) -> None:
         """Run the slots until ``quorum`` of them answered, or the deadline passed with at least
         one answer; then stop the rest (their activities see the cancellation at their next
         heartbeat)."""
-        stop = asyncio.Event()
-        pending = [asyncio.create_task(self._slot(c, stop)) for c in self._chosen]
+        pending = [asyncio.create_task(self._slot(c)) for c in self._chosen]
         deadline = asyncio.create_task(workflow.sleep(self._deadline)) if self._deadline else None
         answered = 0
         while pending:
@@ -174,14 +214,15 @@ class FanOut:
                 answered += int(done.result())
             if answered >= quorum or (deadline is not None and deadline.done() and answered):
                 break
-        stop.set()
+        self._stop.set()
         await asyncio.gather(*pending)
         if deadline is not None and not deadline.done():
             deadline.cancel()
 
-    async def _slot(self, first: RouteCandidate, stop: asyncio.Event | None = None) -> bool:
-        """One chosen expert's place: True once someone in it answered. ``stop`` (quorum
-        fan-out) ends it early: what is still running is cancelled as a straggler."""
+    async def _slot(self, first: RouteCandidate) -> bool:
+        """One chosen expert's place: True once someone in it answered. The fan-out's stop
+        (its quorum or deadline, or ``cancel``) ends it early: what is still running is
+        cancelled, as a straggler or as ``Cancelled``."""
         running: dict[asyncio.Task[Contribution], RouteCandidate] = {}
         timers: dict[asyncio.Task[Contribution], asyncio.Task[None]] = {}
         started: dict[asyncio.Task[Contribution], datetime] = {}
@@ -194,16 +235,14 @@ class FanOut:
             started[ask] = workflow.now()
 
         def stopped() -> bool:
-            return stop is not None and stop.is_set()
+            return self._stop.is_set()
 
         launch(first)
         won = False
-        stopping = asyncio.create_task(stop.wait()) if stop is not None else None
+        stopping = asyncio.create_task(self._stop.wait())
         while running and not won and not stopped():
-            waiting: list[asyncio.Task[Any]] = [*running]
+            waiting: list[asyncio.Task[Any]] = [*running, stopping]
             waiting += [timers[t] for t in running if t not in hedged]
-            if stopping is not None:
-                waiting.append(stopping)
             await workflow.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
             ended: list[Contribution] = []
             for ask in [t for t in running if t.done()]:
@@ -211,7 +250,7 @@ class FanOut:
                 self._release(timers.pop(ask))
                 contribution = ask.result()
                 ended.append(contribution)
-                self._results.append(contribution)
+                self._add(contribution)
                 if contribution.status == ContributionStatus.FAILED:
                     self.failed += 1
                     self._failed_providers.append(candidate.provider)
@@ -232,15 +271,18 @@ class FanOut:
                         launch(standby)
             for contribution in ended:
                 await self._report(contribution)
-        if stopping is not None:
-            stopping.cancel()
+        stopping.cancel()
         for ask, candidate in running.items():  # a faster ask answered: stop the others
             ask.cancel()
             self._release(timers[ask])
             overdue = ask in hedged
             elapsed = workflow.now() - started[ask]
-            if not won:  # the fan-out reached its quorum or deadline without this slot
-                self._results.append(_straggler(candidate, elapsed))
+            if not won:  # the task was cancelled, or reached its quorum or deadline first
+                self._add(
+                    _cancelled(candidate, elapsed)
+                    if self._cancelled
+                    else _straggler(candidate, elapsed)
+                )
                 continue
             loser = _failed(
                 candidate,
@@ -253,7 +295,7 @@ class FanOut:
                     else "Superseded: the expert it stood in for answered first"
                 ),
             )
-            self._results.append(loser)
+            self._add(loser)
             if overdue:
                 self.failed += 1
                 await self._report(loser)
@@ -415,6 +457,15 @@ def _straggler(candidate: RouteCandidate, elapsed: timedelta) -> Contribution:
         elapsed,
         error_type="QuorumReached",
         error="QuorumReached: the task had its quorum (or passed its deadline) first; cancelled",
+    )
+
+
+def _cancelled(candidate: RouteCandidate, elapsed: timedelta) -> Contribution:
+    return _failed(
+        candidate,
+        elapsed,
+        error_type="Cancelled",
+        error="Cancelled: the task was cancelled before this expert answered",
     )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 from datetime import timedelta
 from functools import partial
@@ -9,9 +10,15 @@ from typing import Any
 
 from temporalio import workflow
 from temporalio.common import RetryPolicy, SearchAttributeUpdate
-from temporalio.exceptions import ActivityError, ApplicationError
+from temporalio.exceptions import (
+    ActivityError,
+    ApplicationError,
+    FailureError,
+    is_cancelled_exception,
+)
 
 from workflows.fanout import FanOut, failure_reason
+from workflows.task_log import TaskLog, task_error
 
 with workflow.unsafe.imports_passed_through():
     from activities.recording import RecordingActivities
@@ -33,6 +40,9 @@ with workflow.unsafe.imports_passed_through():
         RouteCandidate,
         RouteInput,
         RouteResult,
+        TaskError,
+        TaskEvents,
+        TaskEventsInput,
         TaskInput,
         TaskProgress,
         TaskResult,
@@ -80,15 +90,29 @@ class TaskWorkflow:
         self._listed_domain: str | None = None  # XpandoDomain as last set
         self._fan_outs: list[FanOut] = []  # the panel, and the wider one if it was widened
         self._succeeded: list[Contribution] = []  # asks whose outcome goes with the record
+        self._log = TaskLog()  # what the events query reads
 
     @workflow.run
     async def run(self, input: TaskInput) -> TaskResult:
+        """The task (``_answer``), told in its event log; recorded as cancelled when it is."""
         self._task_id = input.task_id
         self._domain = input.domain
         started = workflow.info().typed_search_attributes  # the API and CLI set both
         self._status = started.get(STATUS) or ""
         self._listed_domain = started.get(DOMAIN)
+        try:
+            result = await self._answer(input)
+        except (asyncio.CancelledError, FailureError) as err:
+            if workflow.cancellation_reason() is not None and is_cancelled_exception(err):
+                await self._record_cancelled(input)
+            elif isinstance(err, FailureError):
+                self._failed(err)
+            raise
+        self._log.result(result)
+        return result
 
+    async def _answer(self, input: TaskInput) -> TaskResult:
+        """Plan, route, ask the experts, aggregate, record."""
         self._set_stage(TaskStage.PLANNING)
         plan, route = await self._plan_and_route(input)
         if plan.reuse is not None:
@@ -135,6 +159,10 @@ class TaskWorkflow:
             failed=sum(f.failed for f in self._fan_outs),
             error=self._error,
         )
+
+    @workflow.query
+    def events(self, since: TaskEventsInput) -> TaskEvents:
+        return self._log.since(since.after)
 
     # --- steps ----------------------------------------------------------------------------------
 
@@ -203,9 +231,10 @@ class TaskWorkflow:
             plan.context,
             reroute=partial(self._reroute, input),
             report=self._report,
+            arrived=self._log.contribution,
         )
         self._fan_outs.append(fan_out)
-        contributions = await fan_out.run()
+        contributions = await fan_out.run()  # cancelled: it cancels its asks, then re-raises
         if len(self._chosen) > len(route.chosen):  # standbys (or an earlier panel) took part
             workflow.upsert_search_attributes([NODES.value_set(self._chosen)])
         return contributions
@@ -218,7 +247,9 @@ class TaskWorkflow:
         asked = [c.node_id for c in contributions]
         try:
             route = await self._route(input, k=max(1, input.k - len(asked)), exclude=asked)
-        except (ActivityError, ApplicationError):
+        except (ActivityError, ApplicationError) as err:
+            if is_cancelled_exception(err):
+                raise
             return contributions  # nobody else to ask: aggregate what we have
         more = await self._fan_out(input, plan, route)
         return sorted([*contributions, *more], key=lambda c: c.node_id)
@@ -237,13 +268,10 @@ class TaskWorkflow:
                     contributions=contributions,
                     strategy=input.strategy,
                 ),
-                record=RecordInput(
-                    task_id=input.task_id,
-                    prompt=input.prompt,
-                    domain=self._domain,
+                record=self._record_input(
+                    input,
                     status=TaskStage.COMPLETED,
                     outcomes=[self._outcome(c) for c in self._succeeded],
-                    started_at=workflow.info().start_time,
                 ),
                 domains={c.node_id: c.domains for c in [*route.chosen, *route.standbys]},
                 name_domain=input.domain is None,
@@ -259,15 +287,12 @@ class TaskWorkflow:
         self._set_stage(TaskStage.RECORDING)
         self._domain = input.domain or reuse.domain
         await self._record(
-            RecordInput(
-                task_id=input.task_id,
-                prompt=input.prompt,
-                domain=self._domain,
+            self._record_input(
+                input,
                 status=TaskStage.COMPLETED,
                 answer=reuse.answer,
                 confidence=reuse.confidence,
                 reused_knowledge_id=reuse.knowledge_id,
-                started_at=workflow.info().start_time,
             )
         )
         self._set_stage(TaskStage.COMPLETED)
@@ -287,18 +312,45 @@ class TaskWorkflow:
     ) -> None:
         self._error = reason
         await self._record(
-            RecordInput(
-                task_id=input.task_id,
-                prompt=input.prompt,
-                domain=self._domain,
-                status=TaskStage.FAILED,
-                error=reason,
-                contributions=contributions,
-                started_at=workflow.info().start_time,
+            self._record_input(
+                input, status=TaskStage.FAILED, error=reason, contributions=contributions
             )
         )
         self._set_stage(TaskStage.FAILED)
         raise ApplicationError(reason, type=type, non_retryable=True)
+
+    async def _record_cancelled(self, input: TaskInput) -> None:
+        """Record the task as cancelled, with every contribution that came in (the asks the
+        fan-out cancelled among them), and announce it."""
+        asked = [c for fan_out in self._fan_outs for c in fan_out.contributions]
+        contributions = sorted(asked, key=lambda c: c.node_id)
+        answered = [c.node_id for c in contributions if c.status != ContributionStatus.FAILED]
+        reason = workflow.cancellation_reason() or "cancelled"
+        self._error = (
+            f"cancelled ({reason}) with {len(answered)} of {len(contributions)} experts "
+            f"asked answered: {', '.join(answered) or 'none'}"
+        )
+        try:
+            await self._record(
+                self._record_input(
+                    input,
+                    status=TaskStage.CANCELLED,
+                    error=self._error,
+                    contributions=contributions,
+                    outcomes=[self._outcome(c) for c in self._succeeded],
+                )
+            )
+        except ApplicationError as err:  # the database refused it: the cancellation stands
+            workflow.logger.warning("the cancelled task was not recorded: %s", err.message)
+        self._set_stage(TaskStage.CANCELLED)
+        self._log.error(TaskError(type="Cancelled", message=self._error))
+
+    def _failed(self, err: BaseException) -> None:
+        """The task fails with ``err``: say so (progress, XpandoStatus, the event log)."""
+        error = task_error(err)
+        self._error = self._error or error.message
+        self._set_stage(TaskStage.FAILED)
+        self._log.error(error)
 
     # --- what the fan-out is given --------------------------------------------------------------
 
@@ -334,6 +386,19 @@ class TaskWorkflow:
         """Every expert asked so far, in the order they were."""
         return [node_id for fan_out in self._fan_outs for node_id in fan_out.asked]
 
+    def _record_input(self, input: TaskInput, *, status: TaskStage, **fields: Any) -> RecordInput:
+        """What the database keeps; submitted at the workflow's StartTime, as visibility has it."""
+        return RecordInput(
+            task_id=input.task_id,
+            prompt=input.prompt,
+            domain=self._domain,
+            status=status,
+            owner=input.owner,
+            submitted_at=workflow.info().workflow_start_time,
+            started_at=workflow.info().start_time,
+            **fields,
+        )
+
     def _route_input(self, input: TaskInput, *, k: int, exclude: Sequence[str] = ()) -> RouteInput:
         return RouteInput(
             task_id=input.task_id,
@@ -365,10 +430,15 @@ class TaskWorkflow:
         )
 
     async def _unless_refused(self, step: Any, arg: Any, **options: Any) -> Any:
-        """A recording step (retried until it lands), unless the database refuses what it
-        writes — no retry can fix that: the task ends ``failed`` with the refusal, at once."""
+        """A recording step, retried until it lands; a database refusal ends the task ``failed``
+        at once. A cancellation waits for it and the task ends as recorded: a record is one
+        transaction (task, contributions, reputations, rewards), and its answers are paid for."""
+        writing = workflow.start_local_activity_method(step, arg, **options)
         try:
-            return await workflow.execute_local_activity_method(step, arg, **options)
+            try:
+                return await asyncio.shield(writing)
+            except asyncio.CancelledError:
+                return await writing
         except (ActivityError, ApplicationError) as err:
             if _failure_type(err) not in REFUSAL_TYPES:
                 raise
@@ -393,12 +463,15 @@ class TaskWorkflow:
         )
 
     def _set_stage(self, stage: TaskStage) -> None:
-        """The stage the progress query shows; XpandoStatus (and, once the task is over, its
-        final XpandoDomain) upserted only when they change."""
+        """The stage the progress query shows, announced in the event log the first time the
+        task enters it (waiting for experts goes back and forth to planning); XpandoStatus
+        (and, once the task is over, its final XpandoDomain) upserted only when they change."""
         self._stage = stage
+        self._log.stage(stage)
         status = {
             TaskStage.COMPLETED: "completed",
             TaskStage.FAILED: "failed",
+            TaskStage.CANCELLED: "cancelled",
             TaskStage.WAITING_FOR_EXPERTS: "waiting",
         }.get(stage, "running")
         if status == self._status:
@@ -406,7 +479,7 @@ class TaskWorkflow:
         self._status = status
         updates: list[SearchAttributeUpdate[Any]] = [STATUS.value_set(status)]
         listed = self._domain or "general"
-        if status in ("completed", "failed") and listed != self._listed_domain:
+        if stage.ended and listed != self._listed_domain:
             self._listed_domain = listed
             updates.append(DOMAIN.value_set(listed))
         workflow.upsert_search_attributes(updates)

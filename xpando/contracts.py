@@ -86,6 +86,11 @@ class TaskStage(StrEnum):
     RECORDING = "recording"
     COMPLETED = "completed"
     FAILED = "failed"
+    CANCELLED = "cancelled"  # cancelled through Temporal before its answers were aggregated
+
+    @property
+    def ended(self) -> bool:
+        return self in (TaskStage.COMPLETED, TaskStage.FAILED, TaskStage.CANCELLED)
 
 
 class AggregationStrategy(StrEnum):
@@ -171,6 +176,9 @@ class TaskInput(Contract):
     # With no live expert to route to, wait this long for one (None: TaskWorkflow's default;
     # 0: fail at once). The API sets XPANDO_TASK_WAIT_FOR_EXPERTS_S.
     wait_for_experts_s: int | None = Field(None, ge=0, le=86_400)
+    # Who submitted it: the name of the API key's principal (never the key); None when the
+    # API runs without keys, or for a task started with the CLI or `temporal workflow start`.
+    owner: CleanText | None = Field(None, max_length=128)
 
 
 class AnswerPolicy(Contract):
@@ -224,6 +232,43 @@ class TaskProgress(Contract):
     answered: int = 0
     failed: int = 0
     error: str | None = None
+
+
+class TaskEventType(StrEnum):
+    STAGE = "stage"  # the task entered a stage (each stage announced once)
+    CONTRIBUTION = "contribution"  # an expert's ask ended: answered, failed or cancelled
+    RESULT = "result"  # the task completed: the last event
+    ERROR = "error"  # the task failed or was cancelled: the last event
+
+
+class TaskError(Contract):
+    type: str = Field(description="e.g. AllExpertsFailed, NoExpertsAvailable, Cancelled")
+    message: str
+
+
+class TaskEvent(Contract):
+    """One entry of a task's event log, kept by TaskWorkflow and read with its ``events`` query:
+    the ``/v1/tasks/{id}/events`` stream and ``xpando task submit --follow`` show these."""
+
+    id: int = Field(ge=1, description="Position in the task's log: 1, 2, 3, … (no gaps)")
+    type: TaskEventType
+    at: datetime = Field(
+        description="When the workflow logged it (its workflow task's time: a follower that read "
+        "the event before that task was retried may have seen a slightly earlier one)"
+    )
+    stage: TaskStage | None = Field(None, description="stage events")
+    contribution: Contribution | None = Field(None, description="contribution events")
+    result: TaskResult | None = Field(None, description="the result event")
+    error: TaskError | None = Field(None, description="the error event")
+
+
+class TaskEventsInput(Contract):
+    after: int = Field(0, ge=0, description="The last event id already seen (0: from the start)")
+
+
+class TaskEvents(Contract):
+    events: list[TaskEvent] = Field(default_factory=list)
+    ended: bool = Field(False, description="The log holds its last event (result or error)")
 
 
 class ProvenanceNode(Contract):
@@ -382,6 +427,8 @@ class RecordInput(Contract):
     error: ScrubbedText | None = None
     contributions: list[Contribution] = Field(default_factory=list)
     reused_knowledge_id: str | None = None
+    owner: str | None = None  # TaskInput.owner
+    submitted_at: datetime | None = None  # when Temporal started the workflow (its StartTime)
     outcomes: list[ExpertOutcomeInput] = Field(
         default_factory=list,
         description="Asks that ended well, counted for the circuit breakers with the record",
@@ -567,3 +614,4 @@ class ExpertOutcomeResult(Contract):
 
 RecordInput.model_rebuild()  # refers to contracts defined after it
 FinishInput.model_rebuild()
+TaskEvent.model_rebuild()

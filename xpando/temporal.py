@@ -45,10 +45,13 @@ log = get_logger(__name__)
 DOMAIN = SearchAttributeKey.for_keyword("XpandoDomain")
 STATUS = SearchAttributeKey.for_keyword("XpandoStatus")
 NODES = SearchAttributeKey.for_keyword_list("XpandoNodes")
+# The name of the principal that submitted the task (never its key): set when it starts.
+OWNER = SearchAttributeKey.for_keyword("XpandoOwner")
 SEARCH_ATTRIBUTES: tuple[SearchAttributeKey[Any], ...] = (
     DOMAIN,
     STATUS,
     NODES,
+    OWNER,
 )
 
 _INDEXED_TYPE = {
@@ -434,11 +437,13 @@ class NodeLiveness:
         self._cache.pop(task_queue, None)
 
 
-def initial_task_attributes(domain: str | None) -> TypedSearchAttributes:
-    """Search attributes a task starts with, so it is findable before its first step."""
-    return TypedSearchAttributes(
-        [
-            SearchAttributePair(DOMAIN, domain or "general"),
-            SearchAttributePair(STATUS, "running"),
-        ]
-    )
+def initial_task_attributes(domain: str | None, owner: str | None = None) -> TypedSearchAttributes:
+    """Search attributes a task starts with, so it is findable before its first step (by its
+    owner too, when a principal submitted it)."""
+    pairs: list[SearchAttributePair[Any]] = [
+        SearchAttributePair(DOMAIN, domain or "general"),
+        SearchAttributePair(STATUS, "running"),
+    ]
+    if owner is not None:
+        pairs.append(SearchAttributePair(OWNER, owner))
+    return TypedSearchAttributes(pairs)

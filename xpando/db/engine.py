@@ -57,11 +57,12 @@ async def init_db(engine: AsyncEngine) -> None:
     """Create missing tables, and add missing nullable columns to existing ones (idempotent).
 
     Until there are Alembic migrations, this keeps a data folder from an earlier version usable
-    when a release only adds nullable columns (e.g. ``nodes.wallet``).
+    when a release only adds nullable columns (e.g. ``nodes.wallet``) and indexes.
     """
     async with engine.begin() as conn:
         await conn.run_sync(SQLModel.metadata.create_all)
         await conn.run_sync(_add_missing_nullable_columns)
+        await conn.run_sync(_add_missing_indexes)
 
 
 def _add_missing_nullable_columns(conn: Any) -> None:
@@ -79,6 +80,13 @@ def _add_missing_nullable_columns(conn: Any) -> None:
                 conn.execute(
                     text(f"ALTER TABLE {quote(table.name)} ADD COLUMN {quote(column.name)} {kind}")
                 )
+
+
+def _add_missing_indexes(conn: Any) -> None:
+    """``create_all`` makes the indexes of the tables it creates only."""
+    for table in SQLModel.metadata.sorted_tables:
+        for index in table.indexes:
+            index.create(conn, checkfirst=True)
 
 
 async def ping(engine: AsyncEngine) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import JSON, Column, DateTime, LargeBinary, Text, UniqueConstraint
+from sqlalchemy import JSON, Column, DateTime, Index, LargeBinary, Text, UniqueConstraint
 from sqlmodel import Field, SQLModel
 
 
@@ -47,7 +47,11 @@ class Node(SQLModel, table=True):
 
 
 class Task(SQLModel, table=True):
+    """A task as recorded when it ended (completed, failed or cancelled)."""
+
     __tablename__ = "tasks"
+    # GET /v1/tasks pages newest first by (submitted_at, task_id): a keyset, not an offset.
+    __table_args__ = (Index("ix_tasks_submitted_at_task_id", "submitted_at", "task_id"),)
 
     task_id: str = Field(primary_key=True, max_length=128)
     prompt: str = Field(sa_column=Column(Text, nullable=False))
@@ -58,6 +62,9 @@ class Task(SQLModel, table=True):
     error: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
     created_at: datetime = _ts(index=True)
     completed_at: datetime | None = _ts(nullable=True)
+    # Nullable: rows written before these columns have none (and are not listed).
+    owner: str | None = Field(default=None, index=True, max_length=128)  # a principal's name
+    submitted_at: datetime | None = _ts(nullable=True)  # the workflow's StartTime
 
 
 class Contribution(SQLModel, table=True):

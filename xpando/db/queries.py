@@ -15,7 +15,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlmodel import SQLModel, col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
-from xpando.contracts import NodeProfile, RecordInput, RecordResult, TaskStage
+from xpando.contracts import NodeProfile, RecordInput, RecordResult
 from xpando.db import ledger
 from xpando.db.models import Breaker, Contribution, ExpertOutcome, Knowledge, Node, Task
 
@@ -155,7 +155,7 @@ async def record_task(
     Knowledge items are written by the domain's KnowledgeWorkflow, not here; a task answered
     from knowledge counts one more use of that item.
     """
-    done = record.status in (TaskStage.COMPLETED, TaskStage.FAILED)
+    done = record.status.ended
     already = False
     if record.reused_knowledge_id:  # a use is counted once: was this record written before?
         previous = await session.get(Task, record.task_id)
@@ -173,6 +173,8 @@ async def record_task(
             "error": record.error,
             "created_at": now,
             "completed_at": now if done else None,
+            "owner": record.owner,
+            "submitted_at": record.submitted_at,
         },
         keys=["task_id"],
         update=["domain", "status", "answer", "confidence", "error", "completed_at"],
@@ -252,6 +254,68 @@ async def get_task(
         .order_by(col(Contribution.node_id))
     )
     return task, list(rows.all())
+
+
+async def list_tasks(
+    *,
+    session: AsyncSession,
+    limit: int,
+    before: tuple[datetime, str] | None = None,
+    since: datetime | None = None,
+    statuses: Sequence[str] | None = None,
+    domain: str | None = None,
+    node: str | None = None,
+    owner: str | None = None,
+) -> list[Task]:
+    """Recorded tasks, newest first by (submitted_at, task_id), strictly after the keyset
+    ``before`` (the last row of the previous page): rows recorded meanwhile never shift a page.
+    ``statuses`` None: any; ``domain`` "general" also matches tasks recorded without one;
+    ``node``: tasks it contributed to. Rows without a submission time are not listed."""
+    submitted = col(Task.submitted_at)
+    stmt = select(Task).where(submitted.is_not(None))
+    if before is not None:
+        at, task_id = before
+        stmt = stmt.where(or_(submitted < at, and_(submitted == at, col(Task.task_id) < task_id)))
+    if since is not None:
+        stmt = stmt.where(submitted >= since)
+    if statuses is not None:
+        stmt = stmt.where(col(Task.status).in_(list(statuses)))
+    if domain is not None:
+        named = col(Task.domain) == domain
+        stmt = stmt.where(or_(named, col(Task.domain).is_(None)) if domain == "general" else named)
+    if node is not None:
+        stmt = stmt.where(
+            select(Contribution.id)
+            .where(Contribution.task_id == Task.task_id, Contribution.node_id == node)
+            .exists()
+        )
+    if owner is not None:
+        stmt = stmt.where(col(Task.owner) == owner)
+    stmt = stmt.order_by(submitted.desc(), col(Task.task_id).desc()).limit(limit)
+    return list((await session.exec(stmt)).all())
+
+
+async def recorded_tasks(*, session: AsyncSession, task_ids: Sequence[str]) -> dict[str, Task]:
+    """The recorded rows of these tasks (those that have one), by task id."""
+    if not task_ids:
+        return {}
+    rows = await session.exec(select(Task).where(col(Task.task_id).in_(list(task_ids))))
+    return {t.task_id: t for t in rows.all()}
+
+
+async def task_nodes(*, session: AsyncSession, task_ids: Sequence[str]) -> dict[str, list[str]]:
+    """The nodes that contributed to each of these tasks, in node id order."""
+    if not task_ids:
+        return {}
+    rows = await session.exec(
+        select(Contribution.task_id, Contribution.node_id)
+        .where(col(Contribution.task_id).in_(list(task_ids)))
+        .order_by(col(Contribution.task_id), col(Contribution.node_id))
+    )
+    nodes: dict[str, list[str]] = {}
+    for task_id, node_id in rows.all():
+        nodes.setdefault(task_id, []).append(node_id)
+    return nodes
 
 
 async def count_contributions(*, session: AsyncSession, task_id: str) -> int:
