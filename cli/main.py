@@ -139,7 +139,13 @@ def _parser() -> argparse.ArgumentParser:
 
     db = sub.add_parser("db", help="database maintenance")
     dbsub = db.add_subparsers(dest="action", required=True)
-    dbsub.add_parser("init", help="create missing tables")
+    dbsub.add_parser(
+        "upgrade",
+        aliases=["init"],
+        help="bring the database to the newest migration: create it, adopt tables made before "
+        "migrations, upgrade it (what every process does at start; init is the same)",
+    )
+    dbsub.add_parser("current", help="the database's migration, and whether it is the newest")
 
     sub.add_parser("search-attributes", help="register xpando's search attributes (idempotent)")
 
@@ -152,7 +158,7 @@ def _parser() -> argparse.ArgumentParser:
     )
 
     keys = sub.add_parser(
-        "keys", help="API keys: create, list and revoke them (in the database, like db init)"
+        "keys", help="API keys: create, list and revoke them (in the database, like db upgrade)"
     )
     ksub = keys.add_subparsers(dest="action", required=True)
     create = ksub.add_parser("create", help="issue a key and print it, this once")
@@ -269,6 +275,7 @@ def _expected(err: Exception, settings: Settings | None) -> CliError:
     from temporalio.service import RPCError, RPCStatusCode
 
     from workers.node import RegistrationRefused
+    from xpando.db.migrate import SchemaError
     from xpando.telemetry import MetricsPortUnavailable
     from xpando.temporal import TemporalUnreachable
 
@@ -296,6 +303,8 @@ def _expected(err: Exception, settings: Settings | None) -> CliError:
             "database is up",
             status=EXIT_UNREACHABLE,
         )
+    if isinstance(err, SchemaError):
+        return CliError(str(err), status=EXIT_USAGE)
     if isinstance(err, MetricsPortUnavailable):
         return CliError(str(err), status=EXIT_USAGE)
     if isinstance(err, RegistrationRefused):
@@ -345,9 +354,7 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
         )
         return 0
     if args.command == "db":
-        asyncio.run(_db_init(settings))
-        print("database ready:", _redact(settings.database_dsn))
-        return 0
+        return asyncio.run(_db(args, settings))
     if args.command == "search-attributes":
         added = asyncio.run(_search_attributes(settings))
         print("registered:", ", ".join(added) if added else "nothing (all present)")
@@ -479,6 +486,31 @@ async def _db_init(settings: Settings) -> None:
         await init_db(engine)
     finally:
         await engine.dispose()
+
+
+async def _db(args: argparse.Namespace, settings: Settings) -> int:
+    from xpando.db import create_engine, migrate
+
+    where = _redact(settings.database_dsn)
+    engine = create_engine(settings.database_dsn)
+    try:
+        if args.action == "current":
+            print(f"{(await migrate.current(engine)).describe()}: {where}")
+            return 0
+        found = await migrate.upgrade(engine)
+    finally:
+        await engine.dispose()
+    if found.at_head:
+        print(f"database at {found.head} (head), nothing to do: {where}")
+    elif found.legacy:
+        baseline = migrate.BASELINE_REVISION
+        then = "" if found.head == baseline else f", then upgraded to {found.head}"
+        print(f"database made before migrations adopted at {baseline}{then} (head): {where}")
+    elif found.revision is None:
+        print(f"database created at {found.head} (head): {where}")
+    else:
+        print(f"database upgraded from {found.revision} to {found.head} (head): {where}")
+    return 0
 
 
 def _chain_init(settings: Settings) -> int:

@@ -7,6 +7,7 @@ import asyncio
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import uuid
@@ -32,7 +33,7 @@ from workers.node import NodeSpec, build_node, register
 from workflows.task import TaskWorkflow
 from xpando.auth.keys import KEY_RE, Scope
 from xpando.contracts import TaskEvent, TaskEventsInput, TaskEventType, TaskInput
-from xpando.db import SessionFactory
+from xpando.db import SessionFactory, migrate
 from xpando.settings import Settings
 
 UNREACHABLE = "127.0.0.1:1"
@@ -146,7 +147,13 @@ def _one_line(stderr: str) -> str:
         ),
         # The database unreachable.
         (
-            ("db", "init"),
+            ("db", "upgrade"),
+            {"XPANDO_DATABASE_URL": "postgresql+asyncpg://nobody@127.0.0.1:1/none"},
+            EXIT_UNREACHABLE,
+            ["cannot reach the database at postgresql+asyncpg://", "XPANDO_DATABASE_URL"],
+        ),
+        (
+            ("db", "current"),
             {"XPANDO_DATABASE_URL": "postgresql+asyncpg://nobody@127.0.0.1:1/none"},
             EXIT_UNREACHABLE,
             ["cannot reach the database at postgresql+asyncpg://", "XPANDO_DATABASE_URL"],
@@ -161,6 +168,36 @@ def test_each_failure_is_one_line_with_its_exit_status(
     line = _one_line(out.stderr)
     for phrase in says:
         assert phrase in line
+
+
+def test_db_upgrade_and_current_say_where_the_database_stands(tmp_path: Path) -> None:
+    env = _env(tmp_path)
+    head = migrate.head()
+    steps = [
+        (("db", "current"), f"none: no tables yet (xpando db upgrade creates them at {head})"),
+        (("db", "upgrade"), f"database created at {head} (head)"),
+        (("db", "init"), f"database at {head} (head), nothing to do"),  # the older name
+        (("db", "current"), f"{head} (head)"),
+    ]
+    for args, says in steps:
+        out = _xpando(*args, env=env)
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.strip() == f"{says}: {env['XPANDO_DATABASE_URL']}"
+
+
+def test_a_database_from_a_newer_xpando_is_one_line(tmp_path: Path) -> None:
+    env = _env(tmp_path)
+    assert _xpando("db", "upgrade", env=env).returncode == 0
+    db = sqlite3.connect(tmp_path / "cli.db")
+    with db:  # commits
+        db.execute("UPDATE alembic_version SET version_num = 'f00d'")
+    db.close()
+    for args in (("db", "upgrade"), ("db", "current"), ("keys", "list")):
+        out = _xpando(*args, env=env)
+        assert out.returncode == EXIT_USAGE, out.stderr
+        line = _one_line(out.stderr)
+        assert "schema revision 'f00d', which this xpando does not know" in line
+        assert "a newer xpando upgraded it" in line
 
 
 def test_node_with_missing_corpus_file_names_it(tmp_path: Path) -> None:

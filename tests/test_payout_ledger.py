@@ -7,13 +7,13 @@ from datetime import UTC, datetime
 from fractions import Fraction
 
 import pytest
-from sqlalchemy import func, text
+from sqlalchemy import func
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlmodel import col, select
 
 from tests.payout_support import EPOCH_S, accrue, register_nodes
 from xpando.contracts import Contribution, ContributionStatus, RecordInput, TaskStage
-from xpando.db import create_engine, init_db, ledger, queries, session_factory
+from xpando.db import ledger, queries, session_factory
 from xpando.db.ledger_models import Accrual
 from xpando.economy import rewards
 
@@ -133,24 +133,3 @@ async def test_closing_an_epoch_splits_it_claims_its_accruals_and_waits_for_late
         ).one()
     assert nxt.accruals == 2 and {p.node_id for p in rows} == {b, c}
     assert pending == 1  # epoch - 1's accrual waits for epoch - 1's own close
-
-
-async def test_init_db_adds_new_nullable_columns_to_an_existing_database(tmp_path: object) -> None:
-    from pathlib import Path
-
-    path = Path(str(tmp_path)) / "old.db"
-    engine = create_engine(f"sqlite+aiosqlite:///{path}")
-    async with engine.begin() as conn:  # a nodes table from before wallets existed
-        await conn.execute(
-            text(
-                "CREATE TABLE nodes (node_id VARCHAR(64) PRIMARY KEY, region VARCHAR(32), "
-                "provider VARCHAR(32), model VARCHAR(128), task_queue VARCHAR(80), "
-                "capacity INTEGER, domains JSON, registered_at DATETIME, updated_at DATETIME)"
-            )
-        )
-    await init_db(engine)
-    await init_db(engine)  # idempotent
-    async with engine.connect() as conn:
-        columns = [r[1] for r in (await conn.execute(text("PRAGMA table_info(nodes)"))).all()]
-    await engine.dispose()
-    assert "wallet" in columns and Accrual.__tablename__ == "accruals"

@@ -105,7 +105,7 @@ def configure_logging(settings: Settings, *, component: str | None = None) -> No
         lg.propagate = True
     # Chatty third-party loggers stay at WARNING unless we debug.
     if settings.log_level != "DEBUG":
-        for name in ("httpx", "httpcore", "aiosqlite", "sqlalchemy.engine"):
+        for name in ("httpx", "httpcore", "aiosqlite", "sqlalchemy.engine", "alembic"):
             logging.getLogger(name).setLevel(logging.WARNING)
 
 

@@ -8,10 +8,7 @@ from typing import Any
 from sqlalchemy import event
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
 from sqlalchemy.pool import ConnectionPoolEntry
-from sqlmodel import SQLModel
 from sqlmodel.ext.asyncio.session import AsyncSession
-
-from xpando.db import ledger_models, models  # noqa: F401  (registers the tables)
 
 SessionFactory = async_sessionmaker[AsyncSession]
 SQLITE_CONNECTIONS = 1
@@ -54,39 +51,11 @@ def session_factory(engine: AsyncEngine) -> SessionFactory:
 
 
 async def init_db(engine: AsyncEngine) -> None:
-    """Create missing tables, and add missing nullable columns to existing ones (idempotent).
+    """Bring the database to the newest migration (``xpando.db.migrate.upgrade``): what every
+    process does at start; cheap when it is there already, safe when several start at once."""
+    from xpando.db.migrate import upgrade  # alembic is imported by the processes that migrate
 
-    Until there are Alembic migrations, this keeps a data folder from an earlier version usable
-    when a release only adds nullable columns (e.g. ``nodes.wallet``) and indexes.
-    """
-    async with engine.begin() as conn:
-        await conn.run_sync(SQLModel.metadata.create_all)
-        await conn.run_sync(_add_missing_nullable_columns)
-        await conn.run_sync(_add_missing_indexes)
-
-
-def _add_missing_nullable_columns(conn: Any) -> None:
-    from sqlalchemy import inspect, text
-
-    inspector = inspect(conn)
-    quote = conn.dialect.identifier_preparer.quote
-    for table in SQLModel.metadata.sorted_tables:
-        if not inspector.has_table(table.name):
-            continue
-        present = {c["name"] for c in inspector.get_columns(table.name)}
-        for column in table.columns:
-            if column.name not in present and column.nullable and not column.primary_key:
-                kind = column.type.compile(dialect=conn.dialect)
-                conn.execute(
-                    text(f"ALTER TABLE {quote(table.name)} ADD COLUMN {quote(column.name)} {kind}")
-                )
-
-
-def _add_missing_indexes(conn: Any) -> None:
-    """``create_all`` makes the indexes of the tables it creates only."""
-    for table in SQLModel.metadata.sorted_tables:
-        for index in table.indexes:
-            index.create(conn, checkfirst=True)
+    await upgrade(engine)
 
 
 async def ping(engine: AsyncEngine) -> None:
