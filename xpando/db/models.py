@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import JSON, Column, DateTime, LargeBinary, Text, UniqueConstraint
+from sqlalchemy import JSON, Column, DateTime, Index, LargeBinary, Text, UniqueConstraint
 from sqlmodel import Field, SQLModel
 
 
@@ -48,6 +48,8 @@ class Node(SQLModel, table=True):
 
 class Task(SQLModel, table=True):
     __tablename__ = "tasks"
+    # The admission check counts a key's tasks still holding part of its budget.
+    __table_args__ = (Index("ix_tasks_key_hold", "key_id", "hold_usd"),)
 
     task_id: str = Field(primary_key=True, max_length=128)
     prompt: str = Field(sa_column=Column(Text, nullable=False))
@@ -58,6 +60,13 @@ class Task(SQLModel, table=True):
     error: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
     created_at: datetime = _ts(index=True)
     completed_at: datetime | None = _ts(nullable=True)
+    # The API key that submitted it (``xpando/auth/spend.py``): written with the row at submit,
+    # before the workflow starts. None: started another way (CLI, tests, operators).
+    key_id: str | None = Field(default=None, max_length=16)
+    # Its worst-case provider cost, held against the key's daily budget while it runs; None once
+    # the record step charged what it cost (``charged_usd``: the sum of its contributions').
+    hold_usd: float | None = None
+    charged_usd: float | None = None
 
 
 class Contribution(SQLModel, table=True):
@@ -202,3 +211,33 @@ class ApiKey(SQLModel, table=True):
     created_at: datetime = _ts()
     expires_at: datetime | None = _ts(nullable=True)
     revoked_at: datetime | None = _ts(nullable=True)
+    # Its own limits (``xpando/auth/limits.py``); None: the deployment's XPANDO_LIMIT_* value.
+    requests_per_minute: int | None = None
+    tasks_per_minute: int | None = None
+    concurrent_tasks: int | None = None
+    budget_usd_per_day: float | None = None
+    last_task_at: datetime | None = _ts(nullable=True)  # also what serializes its admissions
+
+
+class KeySpend(SQLModel, table=True):
+    """What a key's tasks cost at the providers on one UTC day (``day``: ``YYYY-MM-DD``), added
+    to by the record step once per task (``tasks.charged_usd`` says what was charged)."""
+
+    __tablename__ = "key_spend"
+
+    key_id: str = Field(primary_key=True, max_length=16)
+    day: str = Field(primary_key=True, max_length=10)
+    spent_usd: float = 0.0
+    tasks: int = 0  # tasks charged that day
+    updated_at: datetime = _ts()
+
+
+class RateCounter(SQLModel, table=True):
+    """A per-minute counter of the database backend of the limiter (``xpando/auth/limits.py``):
+    ``count`` hits in the window that ends at ``resets_at`` (Unix seconds)."""
+
+    __tablename__ = "rate_counters"
+
+    bucket: str = Field(primary_key=True, max_length=64)
+    count: int = 0
+    resets_at: float = 0.0
