@@ -23,10 +23,15 @@ ERROR_DESCRIPTIONS = {
     "for node registration, a signature that does not verify or a stale timestamp",
     403: "Forbidden: the API key lacks the scope this route needs; for node registration, a "
     "request signed by another key than the node's",
+    402: "Over the API key's daily spend budget (budget_exceeded): this task's worst-case cost "
+    "would pass it; it renews at 00:00 UTC",
     404: "Not found",
     409: "Conflicts with the current state",
     413: "The request body is larger than XPANDO_API_MAX_BODY_BYTES",
     422: "Invalid request: a field, parameter or body is out of its bounds",
+    429: "Over one of the API key's limits: requests per minute (rate_limited), tasks per minute "
+    "(task_rate_limited), tasks running at once (concurrency_limited); Retry-After says when "
+    "a per-minute limit lifts",
     503: "A backing service (Temporal, an embedder) is unavailable; retry later",
 }
 

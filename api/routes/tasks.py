@@ -14,7 +14,14 @@ from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
 from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
 
-from api.deps import AuthRoute, SessionDep, SettingsDep, TemporalClientDep, require
+from api.deps import (
+    AuthRoute,
+    SessionDep,
+    SettingsDep,
+    TaskLimitsDep,
+    TemporalClientDep,
+    require,
+)
 from api.errors import ApiError, responses
 from api.schemas import ID_PATTERN, Links, TaskAccepted, TaskCreate, TaskView
 from workflows.task import TaskWorkflow
@@ -45,7 +52,7 @@ def _links(settings: Settings, task_id: str) -> Links:
     "",
     status_code=202,
     response_model=TaskAccepted,
-    responses=responses(400, 401, 403, 409, 413, 422, 503),
+    responses=responses(400, 401, 402, 403, 409, 413, 422, 429, 503),
     dependencies=[Depends(require(Scope.TASKS_WRITE))],
 )
 async def submit_task(
@@ -53,6 +60,7 @@ async def submit_task(
     response: Response,
     client: TemporalClientDep,
     settings: SettingsDep,
+    limits: TaskLimitsDep,
     idempotency_key: Annotated[
         str | None,
         Header(
@@ -103,6 +111,9 @@ async def submit_task(
         # At least the 1 ms a TaskInput takes: deadline_s may be any positive number.
         deadline_ms=max(1, round(deadline_s * 1000)) if deadline_s else None,
         wait_for_experts_s=settings.task_wait_for_experts_s,
+    )
+    await limits.admit(
+        task_id=task_id, prompt=task.prompt, k=k, regions=task.regions, domain=task.domain
     )
     try:
         handle = await client.start_workflow(
