@@ -455,6 +455,21 @@ async def test_counters_holds_and_charges_on_both_databases(any_engine: AsyncEng
         await spend.release_holds(session=session, ended={"t-2": "terminated"})
         after = await spend.key_load(session=session, key_id=key_id, now=now)
         ended = await session.get(Task, "t-2")
+    async with sessions() as session:
+        for i, (region, price_in, price_out) in enumerate(
+            [("eu", 3.0, 15.0), ("eu", 3.0, 15.0), ("us", 1.0, 2.0), ("us", 0.0, 0.0)]
+        ):
+            profile = NodeProfile(
+                node_id=f"n{i}",
+                region=region,
+                provider="openai",
+                model="m",
+                price_input_per_mtok=price_in,
+                price_output_per_mtok=price_out,
+            )
+            await queries.upsert_node(session=session, profile=profile, now=now)
+        levels = sorted(await spend.price_levels(session=session))
+    assert levels == [("eu", 3.0, 15.0, 2), ("us", 0.0, 0.0, 1), ("us", 1.0, 2.0, 1)]
     assert first == pytest.approx(0.03) and second == 0
     assert load.running == 1 and load.held_usd == 0.5 and load.spent_usd == pytest.approx(0.03)
     assert after.running == 0 and ended is not None and ended.status == "terminated"

@@ -364,41 +364,49 @@ class Limiter:
         unrecorded are given back first (``ended`` asks Temporal), and the check is made again.
         """
         limits = self.limits_for(principal)
+        counted: asyncio.Future[Hit] | None = None
         if limits.tasks_per_minute:
-            hit = await self.counter.hit(f"{principal.key_id}:tasks", limit=limits.tasks_per_minute)
-            if not hit.allowed:
-                raise LimitExceeded(
-                    TASK_RATE_LIMITED,
-                    f"API key {principal.key_id} submitted more than {limits.tasks_per_minute} "
-                    f"tasks this minute (its tasks per minute); retry in "
-                    f"{math.ceil(hit.retry_after_s)} s",
-                    retry_after_s=hit.retry_after_s,
-                    details=[
-                        _detail("tasks_per_minute", f"{limits.tasks_per_minute} tasks a minute")
-                    ],
-                )
-        estimate = await self.estimate(prompt=prompt, k=k, regions=regions)
-        reconciled = False
-        while True:
-            now = datetime.now(UTC)
-            async with self._sessions() as session:
-                load = await spend.hold_task(
-                    session=session,
-                    key_id=principal.key_id,
-                    task_id=task_id,
-                    prompt=prompt,
-                    domain=domain,
-                    hold_usd=estimate,
-                    now=now,
-                )
-                refusal = None if load is None else _refusal(principal, limits, load, estimate, now)
-                if refusal is None:
-                    await session.commit()
-                    return Admission(task_id=task_id, held=load is not None, estimate_usd=estimate)
-                await session.rollback()
-            if reconciled or ended is None or not await self._reconcile(principal.key_id, ended):
-                raise refusal
-            reconciled = True
+            # Counted in Redis while the database admits the task; the database backend may
+            # have one connection only, which the admission is about to take: first, then.
+            counted = asyncio.ensure_future(
+                self.counter.hit(f"{principal.key_id}:tasks", limit=limits.tasks_per_minute)
+            )
+            if self.counter.backend == "database":
+                _tasks_per_minute(principal, limits, await counted)
+        try:
+            estimate = await self.estimate(prompt=prompt, k=k, regions=regions)
+            reconciled = False
+            while True:
+                now = datetime.now(UTC)
+                async with self._sessions() as session:  # rolled back unless committed
+                    load = await spend.hold_task(
+                        session=session,
+                        key_id=principal.key_id,
+                        task_id=task_id,
+                        prompt=prompt,
+                        domain=domain,
+                        hold_usd=estimate,
+                        now=now,
+                    )
+                    if counted is not None:
+                        _tasks_per_minute(principal, limits, await counted)
+                    refusal = (
+                        None if load is None else _refusal(principal, limits, load, estimate, now)
+                    )
+                    if refusal is None:
+                        await session.commit()
+                        held = load is not None
+                        return Admission(task_id=task_id, held=held, estimate_usd=estimate)
+                if (
+                    reconciled
+                    or ended is None
+                    or not await self._reconcile(principal.key_id, ended)
+                ):
+                    raise refusal
+                reconciled = True
+        finally:
+            if counted is not None and not counted.done():
+                counted.cancel()
 
     async def _reconcile(self, key_id: str, ended: EndedCheck) -> bool:
         """Give back the holds of the key's tasks that ended unrecorded; whether any was."""
@@ -424,6 +432,17 @@ class Limiter:
     async def aclose(self) -> None:
         await self.prices.aclose()
         await self.counter.aclose()
+
+
+def _tasks_per_minute(principal: Principal, limits: KeyLimits, hit: Hit) -> None:
+    if not hit.allowed:
+        raise LimitExceeded(
+            TASK_RATE_LIMITED,
+            f"API key {principal.key_id} submitted more than {limits.tasks_per_minute} tasks "
+            f"this minute (its tasks per minute); retry in {math.ceil(hit.retry_after_s)} s",
+            retry_after_s=hit.retry_after_s,
+            details=[_detail("tasks_per_minute", f"{limits.tasks_per_minute} tasks a minute")],
+        )
 
 
 def _refusal(

@@ -216,7 +216,6 @@ class ApiKey(SQLModel, table=True):
     tasks_per_minute: int | None = None
     concurrent_tasks: int | None = None
     budget_usd_per_day: float | None = None
-    last_task_at: datetime | None = _ts(nullable=True)  # also what serializes its admissions
 
 
 class KeySpend(SQLModel, table=True):
