@@ -57,6 +57,7 @@ PRICES_KEPT = 32  # per region, the most expensive input and output prices (k is
 # started) gives its hold back when the key would be refused; a younger one may be a task
 # another replica admitted and is about to start.
 RECONCILE_AFTER = timedelta(seconds=30)
+RECONCILE_MAX = 64  # the oldest holds asked about at once (one describe each)
 REDIS_TIMEOUT_S = 0.5
 REDIS_PREFIX = "xpando:limit:"
 OUTAGE_LOG_EVERY_S = 10.0
@@ -412,7 +413,10 @@ class Limiter:
         """Give back the holds of the key's tasks that ended unrecorded; whether any was."""
         async with self._sessions() as session:
             held = await spend.held_tasks(
-                session=session, key_id=key_id, created_before=datetime.now(UTC) - RECONCILE_AFTER
+                session=session,
+                key_id=key_id,
+                created_before=datetime.now(UTC) - RECONCILE_AFTER,
+                limit=RECONCILE_MAX,
             )
             if not held:
                 return False

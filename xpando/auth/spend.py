@@ -140,14 +140,20 @@ async def key_load(*, session: AsyncSession, key_id: str, now: datetime) -> KeyL
     return KeyLoad(running=int(row[0]), held_usd=float(row[1] or 0), spent_usd=float(row[2] or 0))
 
 
-async def held_tasks(*, session: AsyncSession, key_id: str, created_before: datetime) -> list[str]:
-    """The key's tasks holding part of its budget, submitted before ``created_before``."""
+async def held_tasks(
+    *, session: AsyncSession, key_id: str, created_before: datetime, limit: int
+) -> list[str]:
+    """The key's oldest ``limit`` tasks holding part of its budget, submitted before
+    ``created_before``."""
     rows = await session.exec(
-        select(Task.task_id).where(
+        select(Task.task_id)
+        .where(
             Task.key_id == key_id,
             col(Task.hold_usd).is_not(None),
             col(Task.created_at) < created_before,
         )
+        .order_by(col(Task.created_at))
+        .limit(limit)
     )
     return list(rows.all())
 
