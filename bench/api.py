@@ -1,7 +1,8 @@
 """API start-to-202 with API keys and limits on (Redis backend) against the same route without.
 
-``python -m bench.api [--requests 25] [--rounds 24] [--nodes 200] [--redis URL]``
-starts a Temporal dev server in this process (loopback only), a fresh SQLite database with
+``python -m bench.api [--requests 25] [--rounds 24] [--nodes 200] [--redis URL] [--postgres URL]
+[--http]``
+starts a Temporal dev server in this process (loopback only), a fresh database with
 ``--nodes`` registered nodes (prices set, what the cost estimate reads) and two apps from
 ``create_app`` on the same database, dev server and Redis (default ``redis://127.0.0.1:6379/0``):
 
@@ -13,9 +14,11 @@ starts a Temporal dev server in this process (loopback only), a fresh SQLite dat
 - **off**: the same app with ``POST /v1/tasks`` served by the same endpoint as a plain route, no
   key and no limits (``TaskLimits`` without a principal).
 
-Each arm is called over ASGI (httpx in process, so the HTTP stack is not in either figure) one
-request at a time, ``--requests`` per round, in ``--rounds`` alternating rounds after a warm-up
-(short rounds: the load of a shared machine drifts little within a pair). No worker runs, so
+Each arm is called over ASGI (httpx in process, so the HTTP stack is not in either figure; with
+``--http`` over loopback HTTP, uvicorn serving both apps in this process) one request at a
+time, ``--requests`` per round, in ``--rounds`` alternating rounds after a warm-up (short
+rounds: the load of a shared machine drifts little within a pair). With ``--postgres`` the
+database is PostgreSQL (a database made for the run and dropped after). No worker runs, so
 started workflows wait on their queue. Between rounds the key's holds are lifted, as the
 record step lifts them when tasks end, so the key's running tasks stay what one round
 submitted. Prints p50 and p99 of each arm and their ratios (goal: on <= 1.1 x off), the
@@ -28,14 +31,17 @@ from __future__ import annotations
 import argparse
 import asyncio
 import shutil
+import socket
 import statistics
 import tempfile
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 
 import httpx
+import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.routing import APIRoute
 from sqlalchemy import make_url, text, update
@@ -123,6 +129,26 @@ async def _drop_database(server: str, url: str) -> None:
         await admin.dispose()
 
 
+@asynccontextmanager
+async def _served(app: FastAPI) -> AsyncIterator[str]:
+    """``app`` served by uvicorn on a free loopback port, in this event loop: its base URL."""
+    sock = socket.socket()
+    # Accepted connections inherit it: without it, every request here waited about 40 ms on a
+    # delayed ACK, which would hide what the arms cost.
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, lifespan="off", log_config=None, access_log=False))
+    serving = asyncio.create_task(server.serve(sockets=[sock]))
+    while not server.started and not serving.done():  # noqa: ASYNC110
+        await asyncio.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        await serving
+
+
 async def _timed(call: Callable[[], Awaitable[object]], n: int) -> float:
     """Median seconds of ``call`` over ``n`` runs."""
     times = []
@@ -140,6 +166,11 @@ async def main() -> None:
     parser.add_argument("--warmup", type=int, default=30)
     parser.add_argument("--nodes", type=int, default=200)
     parser.add_argument("--redis", default="redis://127.0.0.1:6379/0")
+    parser.add_argument(
+        "--http",
+        action="store_true",
+        help="call both apps over HTTP (uvicorn on loopback, in this process) instead of ASGI",
+    )
     parser.add_argument(
         "--postgres",
         metavar="URL",
@@ -167,6 +198,7 @@ async def main() -> None:
         async with (
             on_app.router.lifespan_context(on_app),
             off_app.router.lifespan_context(off_app),
+            AsyncExitStack() as stack,
         ):
             sessions: SessionFactory = on_app.state.sessions
             limiter: Limiter = on_app.state.limiter
@@ -182,14 +214,24 @@ async def main() -> None:
                     session=session, name="bench", scopes=[Scope.TASKS_WRITE], limits=own
                 )
             key_id = issued.row.key_id
-            on = httpx.AsyncClient(
-                transport=httpx.ASGITransport(app=on_app),
-                base_url="http://on.bench",
-                headers={"Authorization": f"Bearer {issued.key}"},
-            )
-            off = httpx.AsyncClient(
-                transport=httpx.ASGITransport(app=off_app), base_url="http://off.bench"
-            )
+            if args.http:
+                on_url, off_url = (
+                    await stack.enter_async_context(_served(on_app)),
+                    await stack.enter_async_context(_served(off_app)),
+                )
+                on = httpx.AsyncClient(
+                    base_url=on_url, headers={"Authorization": f"Bearer {issued.key}"}
+                )
+                off = httpx.AsyncClient(base_url=off_url)
+            else:
+                on = httpx.AsyncClient(
+                    transport=httpx.ASGITransport(app=on_app),
+                    base_url="http://on.bench",
+                    headers={"Authorization": f"Bearer {issued.key}"},
+                )
+                off = httpx.AsyncClient(
+                    transport=httpx.ASGITransport(app=off_app), base_url="http://off.bench"
+                )
             body = {"prompt": PROMPT, "k": 3}
 
             async def submit(http: httpx.AsyncClient) -> float:
@@ -267,7 +309,8 @@ async def main() -> None:
         f"POST /v1/tasks start-to-202, {args.rounds} alternating rounds of {args.requests} "
         f"requests per arm (after {args.warmup} warm-up each), {args.nodes} nodes, "
         f"limits counted in {limiter.counter.backend}, "
-        f"{'PostgreSQL' if args.postgres else 'SQLite'} database, in-process ASGI:"
+        f"{'PostgreSQL' if args.postgres else 'SQLite'} database, "
+        f"{'HTTP over loopback' if args.http else 'in-process ASGI'}:"
     )
     for name, label in (("off", "keys and limits off"), ("on", "keys and limits on")):
         values = times[name]
