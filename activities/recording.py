@@ -2,10 +2,11 @@
 
 ``finish`` is a task's last core step (aggregate, then record and hand what was learned to the
 domain's KnowledgeWorkflow); ``record`` alone persists a failed task or one answered from
-knowledge. Every write is an idempotent upsert keyed by the task (and node), so a retried step
-writes nothing twice. A write the database refuses for what it holds (``xpando/db/errors.py``)
-fails the step at once with a non-retryable ``ApplicationError`` (``InvalidText``,
-``DataRefused``, ``ConstraintViolation``): no retry would land it.
+knowledge. Either charges the API key that submitted the task what its contributions cost
+(``xpando/auth/spend.py``). Every write is an idempotent upsert keyed by the task (and node),
+so a retried step writes nothing twice. A write the database refuses for what it holds
+(``xpando/db/errors.py``) fails the step at once with a non-retryable ``ApplicationError``
+(``InvalidText``, ``DataRefused``, ``ConstraintViolation``): no retry would land it.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from datetime import UTC, datetime
 from temporalio import activity
 
 from xpando import metrics
+from xpando.auth import spend
 from xpando.breakers import BreakerBook
 from xpando.contracts import (
     AggregateResult,
@@ -127,6 +129,8 @@ class RecordingActivities:
                         )
                     if input.outcomes:
                         await self._breakers.count_outcomes(session, input.outcomes, now)
+                    # The key that submitted the task pays what its contributions cost.
+                    await spend.charge_task(session=session, task_id=input.task_id, now=now)
                     await session.commit()
             return result, moved
 

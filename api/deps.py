@@ -1,15 +1,20 @@
-"""Typed dependencies: settings, the Temporal client, a database session, and who is calling.
+"""Typed dependencies: settings, the Temporal client, a database session, who is calling, and
+what their key's limits allow.
 
 Every route but the probes, the OpenAPI documents and signed node registration needs an API key
 with a scope: a route says which with :func:`require`, and its router's :class:`AuthRoute` checks
 the key before the request's body is read, so a caller without a valid key learns nothing about
 the body and costs no parsing. The caller's :class:`~xpando.auth.keys.Principal` is what the
-dependency returns and is also ``request.state.principal``.
+dependency returns and is also ``request.state.principal``. The key's requests per minute are
+counted right after it is checked (429 ``rate_limited``); a route that starts a task asks
+:class:`TaskLimits` first (``xpando/auth/limits.py``).
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Coroutine
+import asyncio
+import math
+from collections.abc import AsyncIterator, Callable, Coroutine, Mapping, Sequence
 from typing import Annotated, Any, cast
 
 import structlog
@@ -17,19 +22,26 @@ from fastapi import Depends, Request, Response
 from fastapi.dependencies.models import Dependant
 from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.utils import create_model_field
 from sqlmodel.ext.asyncio.session import AsyncSession
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Send
 from starlette.types import Scope as AsgiScope
-from temporalio.client import Client
+from temporalio.client import Client, WorkflowExecutionStatus
+from temporalio.service import RPCError, RPCStatusCode
 
-from api.errors import ApiError, error_response
+from api.errors import ApiError, error_response, responses
+from api.schemas import ErrorBody
 from xpando.auth import store
 from xpando.auth.keys import Principal, Scope
+from xpando.auth.limits import BUDGET_EXCEEDED, Admission, Limiter, LimitExceeded
 from xpando.db import SessionFactory
+from xpando.logs import get_logger
 from xpando.routing.registry import NodeRegistry
 from xpando.settings import Settings
 from xpando.temporal import NodeLiveness
+
+log = get_logger(__name__)
 
 
 def get_settings(request: Request) -> Settings:
@@ -50,6 +62,10 @@ def get_registry(request: Request) -> NodeRegistry:
 
 def get_sessions(request: Request) -> SessionFactory:
     return cast(SessionFactory, request.app.state.sessions)
+
+
+def get_limiter(request: Request) -> Limiter:
+    return cast(Limiter, request.app.state.limiter)
 
 
 async def get_session(request: Request) -> AsyncIterator[AsyncSession]:
@@ -123,6 +139,10 @@ async def authorize(request: Request, scope: Scope) -> Principal:
     if not isinstance(principal, Principal):
         principal = await _authenticate(request)
         request.state.principal = principal
+        try:  # once a request, whatever its route
+            await get_limiter(request).check_request(principal)
+        except LimitExceeded as err:
+            raise refused(principal, err) from None
     if not principal.allows(scope):
         held = ", ".join(sorted(principal.scopes))
         raise ApiError(
@@ -179,6 +199,14 @@ class AuthRoute(APIRoute):
             note = f"Needs an API key with scope `{scope.value}` (or `admin`)."
             self.description = f"{self.description}\n\n{note}" if self.description else note
             self.openapi_extra = {**(self.openapi_extra or {}), "x-required-scope": scope.value}
+            if 429 not in self.responses:  # every key has its requests per minute
+                self.responses = {
+                    **self.responses,
+                    429: responses(429)[429],
+                }
+                self.response_fields[429] = create_model_field(
+                    name=f"Response_429_{self.unique_id}", type_=ErrorBody, mode="serialization"
+                )
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handler = super().get_route_handler()
@@ -218,6 +246,92 @@ Admin = Annotated[Principal, Depends(require(Scope.ADMIN))]
 
 
 # --- limits --------------------------------------------------------------------------------------
+
+
+def refused(principal: Principal, err: LimitExceeded) -> ApiError:
+    """The answer to a request the key's limits refuse: 402 for its budget, 429 otherwise,
+    with ``Retry-After`` when waiting lifts the refusal."""
+    headers = None
+    if err.retry_after_s is not None:
+        headers = {"Retry-After": str(max(1, math.ceil(err.retry_after_s)))}
+    log.info("refused by a limit", code=err.code, key_id=principal.key_id)
+    status = 402 if err.code == BUDGET_EXCEEDED else 429
+    return ApiError(status, err.code, err.message, err.details, headers=headers)
+
+
+class TaskLimits:
+    """What a route asks before it starts a task for the caller's key: :meth:`admit` raises the
+    refusal (429 ``task_rate_limited`` or ``concurrency_limited``, 402 ``budget_exceeded``) or
+    holds the task's worst-case cost, its row naming the key. Without a principal (a route
+    served without keys) it admits everything."""
+
+    def __init__(self, request: Request, principal: Principal | None) -> None:
+        self._request = request
+        self._principal = principal
+        self.admission: Admission | None = None
+
+    async def admit(
+        self, *, task_id: str, prompt: str, k: int, regions: Sequence[str], domain: str | None
+    ) -> None:
+        if self._principal is None:
+            return
+        client = get_temporal(self._request)
+        try:
+            self.admission = await get_limiter(self._request).admit_task(
+                self._principal,
+                task_id=task_id,
+                prompt=prompt,
+                k=k,
+                regions=regions,
+                domain=domain,
+                ended=lambda task_ids: _ended(client, task_ids),
+            )
+        except LimitExceeded as err:
+            raise refused(self._principal, err) from None
+
+    async def undo(self) -> None:
+        """The route failed after :meth:`admit`: give the hold back unless the workflow
+        started (when Temporal cannot say, the next refusal of the key finds out)."""
+        if self.admission is None or not self.admission.held:
+            return
+        ended = await _ended(get_temporal(self._request), [self.admission.task_id])
+        if ended:
+            await get_limiter(self._request).release(ended)
+
+
+async def _ended(client: Client, task_ids: Sequence[str]) -> Mapping[str, str | None]:
+    """Of ``task_ids``, those whose workflow is not running: its final status, or None when
+    Temporal has no such workflow. One Temporal cannot describe now counts as running."""
+
+    async def ended(task_id: str) -> tuple[str, str | None] | None:
+        try:
+            described = await client.get_workflow_handle(task_id).describe()
+        except RPCError as err:
+            return (task_id, None) if err.status == RPCStatusCode.NOT_FOUND else None
+        if described.status in (None, WorkflowExecutionStatus.RUNNING):
+            return None
+        return task_id, described.status.name.lower()
+
+    found = await asyncio.gather(*(ended(task_id) for task_id in task_ids))
+    return dict(f for f in found if f is not None)
+
+
+async def task_limits(
+    request: Request,
+    principal: Annotated[Principal, Depends(require(Scope.TASKS_WRITE))],
+) -> AsyncIterator[TaskLimits]:
+    limits = TaskLimits(request, principal)
+    try:
+        yield limits
+    except Exception:
+        try:
+            await limits.undo()
+        except Exception as err:  # the route's own error is the one to answer with
+            log.warning("could not give a failed submission's hold back", error=repr(err))
+        raise
+
+
+TaskLimitsDep = Annotated[TaskLimits, Depends(task_limits)]
 
 
 class BodyTooLarge(StarletteHTTPException):

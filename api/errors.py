@@ -23,11 +23,16 @@ ERROR_DESCRIPTIONS = {
     "for node registration, a signature that does not verify or a stale timestamp",
     403: "Forbidden: the API key lacks the scope this route needs; for node registration, a "
     "request signed by another key than the node's",
+    402: "Over the API key's daily spend budget (budget_exceeded): this task's worst-case cost "
+    "would pass it; it renews at 00:00 UTC",
     404: "Not found",
     409: "Conflicts with the current state",
     410: "Gone: kept no longer (past the retention of Temporal's history)",
     413: "The request body is larger than XPANDO_API_MAX_BODY_BYTES",
     422: "Invalid request: a field, parameter or body is out of its bounds",
+    429: "Over one of the API key's limits: requests per minute (rate_limited), tasks per minute "
+    "(task_rate_limited), tasks running at once (concurrency_limited); Retry-After says when "
+    "a per-minute limit lifts",
     503: "A backing service (Temporal, an embedder) is unavailable; retry later",
 }
 
@@ -38,8 +43,10 @@ ERROR_EXAMPLES: dict[int, tuple[str, str]] = {
     403: ("forbidden", "this route needs an API key with scope 'tasks:read' (or 'admin')"),
     404: ("not_found", "no such resource"),
     409: ("conflict", "the request conflicts with the current state"),
+    402: ("budget_exceeded", "this task's worst-case cost would pass the key's daily budget"),
     410: ("gone", "kept no longer"),
     413: ("body_too_large", "the request body is larger than 262144 bytes"),
+    429: ("rate_limited", "over the key's requests per minute; retry after Retry-After"),
     422: ("validation_error", "invalid request: limit: Input should be less than or equal to 100"),
     503: ("temporal_unavailable", "Temporal is unavailable (connection refused); retry later"),
 }

@@ -12,6 +12,7 @@ from api.deps import BodyLimit
 from api.routes import health, keys, knowledge, metrics, nodes, payouts, tasks
 from workers.wiring import build_knowledge_index, build_liveness, build_registry
 from xpando import __version__, telemetry, temporal
+from xpando.auth.limits import limiter_from_settings
 from xpando.db import create_engine, init_db, session_factory
 from xpando.settings import Settings, get_settings
 
@@ -32,9 +33,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.liveness = build_liveness(client, settings)
         app.state.knowledge = build_knowledge_index(app.state.sessions, settings)
         app.state.registry = build_registry(app.state.sessions, settings)
+        app.state.limiter = limiter_from_settings(settings, app.state.sessions)
         try:
             yield
         finally:
+            await app.state.limiter.aclose()
             await engine.dispose()
 
     app = FastAPI(

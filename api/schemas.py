@@ -453,6 +453,30 @@ MAX_KEY_LIFETIME_S = 10 * 365 * 86400
 KeyLifetime = Annotated[int, Field(ge=1, le=MAX_KEY_LIFETIME_S), BeforeValidator(_json_number)]
 
 
+LimitCount = Annotated[int, Field(ge=0, le=1_000_000_000), BeforeValidator(_json_number)]
+LimitUsd = Annotated[float, Field(ge=0, le=1_000_000_000), BeforeValidator(_json_number)]
+
+
+class KeyLimitsBody(BaseModel):
+    """A key's limits; 0 is no limit. Creating a key, a field left out takes the deployment's
+    default (``XPANDO_LIMIT_*``); a key's view shows the limits that apply to it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    requests_per_minute: LimitCount | None = Field(
+        None, description="Requests a minute (429 rate_limited)"
+    )
+    tasks_per_minute: LimitCount | None = Field(
+        None, description="Tasks submitted a minute (429 task_rate_limited)"
+    )
+    concurrent_tasks: LimitCount | None = Field(
+        None, description="Tasks running at once (429 concurrency_limited)"
+    )
+    budget_usd_per_day: LimitUsd | None = Field(
+        None, description="Provider spend a UTC day, in USD (402 budget_exceeded)"
+    )
+
+
 class KeyCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -468,6 +492,9 @@ class KeyCreate(BaseModel):
     expires_in_s: KeyLifetime | None = Field(
         None, description="Seconds until the key stops working (at most 10 years); none: never"
     )
+    limits: KeyLimitsBody | None = Field(
+        None, description="Its own limits, where they differ from the deployment's"
+    )
 
 
 class KeyView(BaseModel):
@@ -479,6 +506,7 @@ class KeyView(BaseModel):
     created_at: datetime
     expires_at: datetime | None = None
     revoked_at: datetime | None = None
+    limits: KeyLimitsBody = Field(description="The limits that apply to it (0: none)")
 
 
 class KeyCreated(KeyView):

@@ -25,6 +25,8 @@ if TYPE_CHECKING:
     from pydantic import ValidationError
     from temporalio.client import Client
 
+    from xpando.auth.keys import KeyLimits
+
 # Exit statuses: one per kind of failure, so a script can tell them apart.
 EXIT_OK = 0
 EXIT_TASK_FAILED = 1  # the task ran and failed (task get, task submit --wait/--follow)
@@ -178,7 +180,30 @@ def _parser() -> argparse.ArgumentParser:
         help="when it stops working: after a duration (90d, 12h, 30m) or at an ISO 8601 "
         "date or time (UTC unless it says otherwise)",
     )
-    ksub.add_parser("list", help="every key: id, name, scopes, status, expiry (never a secret)")
+    create.add_argument(
+        "--rpm",
+        type=_non_negative(int),
+        help="requests a minute (default XPANDO_LIMIT_REQUESTS_PER_MINUTE; 0: no limit)",
+    )
+    create.add_argument(
+        "--tasks-per-minute",
+        type=_non_negative(int),
+        help="tasks submitted a minute (default XPANDO_LIMIT_TASKS_PER_MINUTE; 0: no limit)",
+    )
+    create.add_argument(
+        "--concurrent",
+        type=_non_negative(int),
+        help="tasks running at once (default XPANDO_LIMIT_CONCURRENT_TASKS; 0: no limit)",
+    )
+    create.add_argument(
+        "--budget-usd",
+        type=_non_negative(float),
+        help="provider spend a UTC day, in USD (default XPANDO_LIMIT_BUDGET_USD_PER_DAY; "
+        "0: no limit)",
+    )
+    ksub.add_parser(
+        "list", help="every key: id, name, status, expiry, limits, scopes (never a secret)"
+    )
     revoke = ksub.add_parser("revoke", help="revoke a key by its id (refused from then on)")
     revoke.add_argument("key_id")
 
@@ -544,9 +569,12 @@ def _chain_init(settings: Settings) -> int:
 
 async def _keys(args: argparse.Namespace, settings: Settings) -> int:
     from xpando.auth import store
+    from xpando.auth.keys import KeyLimits
+    from xpando.auth.limits import default_limits
     from xpando.db import create_engine, init_db, session_factory
 
     now = datetime.now(UTC)
+    defaults = default_limits(settings)
     if args.action == "create":  # arguments first: a typo needs no database
         scopes = [s for value in args.scopes for s in _csv(value)]
         try:
@@ -567,26 +595,37 @@ async def _keys(args: argparse.Namespace, settings: Settings) -> int:
                         expires_at=expires_at,
                         created_by="xpando keys create",
                         now=now,
+                        limits=KeyLimits(
+                            requests_per_minute=args.rpm,
+                            tasks_per_minute=args.tasks_per_minute,
+                            concurrent_tasks=args.concurrent,
+                            budget_usd_per_day=args.budget_usd,
+                        ),
                     )
                 except ValueError as err:
                     raise CliError(str(err)) from err
                 made = issued.row
                 until = f"until {_iso(made.expires_at)}" if made.expires_at else "no expiry"
+                limits = _limits(store.limits_of(made).over(defaults))
                 print(
                     f"xpando: created API key {made.key_id} for {made.name!r} "
-                    f"({', '.join(made.scopes)}; {until}); it is shown once, below",
+                    f"({', '.join(made.scopes)}; {until}; {limits}); it is shown once, below",
                     file=sys.stderr,
                 )
                 print(issued.key)
                 return 0
             if args.action == "list":
                 rows = await store.list_keys(session=session)
-                print(f"{'KEY ID':<12}  {'NAME':<20}  {'STATUS':<7}  {'EXPIRES':<25}  SCOPES")
+                print(
+                    f"{'KEY ID':<12}  {'NAME':<20}  {'STATUS':<7}  {'EXPIRES':<25}  "
+                    f"{'LIMITS':<44}  SCOPES"
+                )
                 for row in rows:
                     expires = _iso(row.expires_at) or "never"
+                    limits = _limits(store.limits_of(row).over(defaults))
                     print(
                         f"{row.key_id:<12}  {row.name:<20}  {store.status(row, now):<7}  "
-                        f"{expires:<25}  {','.join(row.scopes)}"
+                        f"{expires:<25}  {limits:<44}  {','.join(row.scopes)}"
                     )
                 return 0
             revoked = await store.revoke_key(session=session, key_id=args.key_id, now=now)
@@ -601,6 +640,32 @@ async def _keys(args: argparse.Namespace, settings: Settings) -> int:
             return 0
     finally:
         await engine.dispose()
+
+
+def _limits(limits: KeyLimits) -> str:
+    """A key's limits in one column: ``rpm=1200 tpm=120 running=32 budget=$10/day``."""
+
+    def shown(value: float | None) -> str:
+        return "-" if not value else f"{value:g}"
+
+    return (
+        f"rpm={shown(limits.requests_per_minute)} tpm={shown(limits.tasks_per_minute)} "
+        f"running={shown(limits.concurrent_tasks)} "
+        f"budget={'-' if not limits.budget_usd_per_day else f'${limits.budget_usd_per_day:g}/day'}"
+    )
+
+
+def _non_negative(kind: Callable[[str], float]) -> Callable[[str], float]:
+    """An argparse type: a number of ``kind``, 0 or more."""
+
+    def parse(text: str) -> float:
+        value = kind(text)
+        if value < 0 or value != value:
+            raise argparse.ArgumentTypeError(f"{text!r} is not 0 (no limit) or more")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in its error
+    return parse
 
 
 def _expiry(text: str, now: datetime) -> datetime:

@@ -113,6 +113,34 @@ class Settings(BaseSettings):
         description="A request body larger than this is refused (413) before it is read",
     )
 
+    # --- per-key limits (xpando/auth/limits.py); a key's own values win, 0: no limit ----------
+    redis_url: str | None = Field(
+        None,
+        description="Redis for the per-minute counters every API replica shares "
+        "(redis://host:6379/0); default: the database",
+    )
+    limit_requests_per_minute: int = Field(
+        1200, ge=0, description="Requests a key may make in a minute (429 rate_limited)"
+    )
+    limit_tasks_per_minute: int = Field(
+        120, ge=0, description="Tasks a key may submit in a minute (429 task_rate_limited)"
+    )
+    limit_concurrent_tasks: int = Field(
+        32, ge=0, description="Tasks of a key running at once (429 concurrency_limited)"
+    )
+    limit_budget_usd_per_day: float = Field(
+        10.0,
+        ge=0,
+        description="Provider spend a key may incur in a UTC day, in USD (402 budget_exceeded)",
+    )
+    limit_estimate_output_tokens: int = Field(
+        1024,
+        ge=1,
+        le=200_000,
+        description="Output tokens one expert answer is counted at in a task's worst-case cost "
+        "(the nodes' XPANDO_NODE_MAX_OUTPUT_TOKENS)",
+    )
+
     # --- tasks --------------------------------------------------------------------------------
     default_k: int = Field(3, ge=1, le=9, description="Experts asked when a task does not say")
 

@@ -3,16 +3,18 @@ on the database directly, which is how the first key is made."""
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from datetime import UTC, datetime, timedelta
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Path
 
-from api.deps import Admin, AuthRoute, SessionDep, require
+from api.deps import Admin, AuthRoute, SessionDep, SettingsDep, require
 from api.errors import ApiError, responses
-from api.schemas import KeyCreate, KeyCreated, KeyList, KeyView
+from api.schemas import KeyCreate, KeyCreated, KeyLimitsBody, KeyList, KeyView
 from xpando.auth import store
-from xpando.auth.keys import Scope
+from xpando.auth.keys import KeyLimits, Scope
+from xpando.auth.limits import default_limits
 from xpando.db.models import ApiKey
 from xpando.db.queries import as_utc
 from xpando.logs import get_logger
@@ -23,7 +25,7 @@ log = get_logger(__name__)
 KeyIdPath = Annotated[str, Path(pattern=r"^[0-9a-f]{12}$", description="The key's id")]
 
 
-def view(row: ApiKey, now: datetime | None = None) -> KeyView:
+def view(row: ApiKey, defaults: KeyLimits, now: datetime | None = None) -> KeyView:
     return KeyView(
         key_id=row.key_id,
         name=row.name,
@@ -33,6 +35,7 @@ def view(row: ApiKey, now: datetime | None = None) -> KeyView:
         created_at=as_utc(row.created_at) or datetime.now(UTC),
         expires_at=as_utc(row.expires_at),
         revoked_at=as_utc(row.revoked_at),
+        limits=KeyLimitsBody.model_validate(asdict(store.limits_of(row).over(defaults))),
     )
 
 
@@ -42,7 +45,9 @@ def view(row: ApiKey, now: datetime | None = None) -> KeyView:
     response_model=KeyCreated,
     responses=responses(401, 403, 413, 422),
 )
-async def create_key(body: KeyCreate, admin: Admin, session: SessionDep) -> KeyCreated:
+async def create_key(
+    body: KeyCreate, admin: Admin, session: SessionDep, settings: SettingsDep
+) -> KeyCreated:
     """Issue a key. The response holds the key itself, this once: store it now."""
     now = datetime.now(UTC)
     expires_at = now + timedelta(seconds=body.expires_in_s) if body.expires_in_s else None
@@ -53,10 +58,11 @@ async def create_key(body: KeyCreate, admin: Admin, session: SessionDep) -> KeyC
         expires_at=expires_at,
         created_by=admin.name,
         now=now,
+        limits=KeyLimits(**body.limits.model_dump()) if body.limits else None,
     )
     scopes = issued.row.scopes
     log.info("api key created", new_key_id=issued.row.key_id, name=body.name, scopes=scopes)
-    return KeyCreated(**view(issued.row).model_dump(), key=issued.key)
+    return KeyCreated(**view(issued.row, default_limits(settings)).model_dump(), key=issued.key)
 
 
 @router.get(
@@ -65,10 +71,11 @@ async def create_key(body: KeyCreate, admin: Admin, session: SessionDep) -> KeyC
     responses=responses(401, 403),
     dependencies=[Depends(require(Scope.ADMIN))],
 )
-async def list_keys(session: SessionDep) -> KeyList:
+async def list_keys(session: SessionDep, settings: SettingsDep) -> KeyList:
     """Every key ever issued (revoked and expired ones too), oldest first; never a secret."""
     now = datetime.now(UTC)
-    keys = [view(row, now) for row in await store.list_keys(session=session)]
+    defaults = default_limits(settings)
+    keys = [view(row, defaults, now) for row in await store.list_keys(session=session)]
     return KeyList(keys=keys, count=len(keys))
 
 
@@ -77,11 +84,13 @@ async def list_keys(session: SessionDep) -> KeyList:
     response_model=KeyView,
     responses=responses(401, 403, 404, 422),
 )
-async def revoke_key(key_id: KeyIdPath, admin: Admin, session: SessionDep) -> KeyView:
+async def revoke_key(
+    key_id: KeyIdPath, admin: Admin, session: SessionDep, settings: SettingsDep
+) -> KeyView:
     """Revoke a key: refused from its next request on. Its row stays, so what it did can still
     be traced to whom; revoking it again changes nothing."""
     row = await store.revoke_key(session=session, key_id=key_id)
     if row is None:
         raise ApiError(404, "key_not_found", f"no API key {key_id!r}")
     log.info("api key revoked", revoked_key_id=key_id, name=row.name, by=admin.name)
-    return view(row)
+    return view(row, default_limits(settings))

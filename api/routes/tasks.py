@@ -47,6 +47,7 @@ from api.deps import (
     SessionDep,
     SessionFactoryDep,
     SettingsDep,
+    TaskLimitsDep,
     TemporalClientDep,
     may_see,
     owner_filter,
@@ -124,10 +125,12 @@ TaskHandle = WorkflowHandle[TaskWorkflow, TaskResult]
         **responses(
             400,
             401,
+            402,
             403,
             409,
             413,
             422,
+            429,
             503,
             examples={
                 400: (
@@ -150,6 +153,7 @@ async def submit_task(
     client: TemporalClientDep,
     settings: SettingsDep,
     principal: PrincipalDep,
+    limits: TaskLimitsDep,
     idempotency_key: Annotated[
         str | None,
         Header(
@@ -202,6 +206,9 @@ async def submit_task(
         deadline_ms=max(1, round(deadline_s * 1000)) if deadline_s else None,
         wait_for_experts_s=settings.task_wait_for_experts_s,
         owner=owner,
+    )
+    await limits.admit(
+        task_id=task_id, prompt=task.prompt, k=k, regions=task.regions, domain=task.domain
     )
     try:
         handle = await client.start_workflow(
@@ -638,6 +645,7 @@ _EVENTS_EXAMPLE = "".join(
             404,
             410,
             422,
+            429,
             503,
             streaming=True,
             examples={

@@ -44,12 +44,38 @@ class Scope(StrEnum):
 
 
 @dataclass(frozen=True, slots=True)
+class KeyLimits:
+    """A key's own limits (``xpando/auth/limits.py``): ``None`` takes the deployment's default
+    (``XPANDO_LIMIT_*``), 0 is no limit."""
+
+    requests_per_minute: int | None = None
+    tasks_per_minute: int | None = None
+    concurrent_tasks: int | None = None
+    budget_usd_per_day: float | None = None
+
+    def over(self, defaults: KeyLimits) -> KeyLimits:
+        """These limits, each one not set taken from ``defaults``."""
+        return KeyLimits(
+            **{
+                name: getattr(defaults, name)
+                if getattr(self, name) is None
+                else getattr(self, name)
+                for name in LIMIT_NAMES
+            }
+        )
+
+
+LIMIT_NAMES = ("requests_per_minute", "tasks_per_minute", "concurrent_tasks", "budget_usd_per_day")
+
+
+@dataclass(frozen=True, slots=True)
 class Principal:
     """Who a valid key stands for: set on ``request.state.principal`` by every protected route."""
 
     key_id: str
     name: str
     scopes: frozenset[str]
+    limits: KeyLimits = KeyLimits()
 
     @property
     def is_admin(self) -> bool:

@@ -14,7 +14,9 @@ from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from xpando.auth.keys import (
+    LIMIT_NAMES,
     NAME_PATTERN,
+    KeyLimits,
     Principal,
     Scope,
     dev_key_path,
@@ -76,9 +78,10 @@ async def create_key(
     expires_at: datetime | None = None,
     created_by: str | None = None,
     now: datetime | None = None,
+    limits: KeyLimits | None = None,
 ) -> IssuedKey:
-    """Issue a key; its secret is in the result only. ValueError for a bad name, scope or
-    expiry."""
+    """Issue a key; its secret is in the result only. ``limits``: its own, where they differ
+    from the deployment's defaults. ValueError for a bad name, scope, expiry or limit."""
     now = now or datetime.now(UTC)
     if not re.fullmatch(NAME_PATTERN, name):
         raise ValueError(
@@ -92,6 +95,11 @@ async def create_key(
         expires_at = expires_at.astimezone(UTC)
         if expires_at <= now:
             raise ValueError(f"the expiry {expires_at.isoformat()} is not in the future")
+    own = limits or KeyLimits()
+    for limit in LIMIT_NAMES:
+        value = getattr(own, limit)
+        if value is not None and value < 0:
+            raise ValueError(f"{limit} must be 0 (no limit) or more, not {value}")
     issued = new_key()
     row = ApiKey(
         key_id=issued.key_id,
@@ -101,6 +109,10 @@ async def create_key(
         created_by=created_by,
         created_at=now,
         expires_at=expires_at,
+        requests_per_minute=own.requests_per_minute,
+        tasks_per_minute=own.tasks_per_minute,
+        concurrent_tasks=own.concurrent_tasks,
+        budget_usd_per_day=own.budget_usd_per_day,
     )
     session.add(row)
     await session.commit()
@@ -148,7 +160,19 @@ async def authenticate(
             raise Unauthenticated(f"API key {key_id} was revoked")
         case "expired":
             raise Unauthenticated(f"API key {key_id} has expired")
-    return Principal(key_id=row.key_id, name=row.name, scopes=frozenset(row.scopes))
+    return Principal(
+        key_id=row.key_id, name=row.name, scopes=frozenset(row.scopes), limits=limits_of(row)
+    )
+
+
+def limits_of(row: ApiKey) -> KeyLimits:
+    """The key's own limits (None where it takes the deployment's default)."""
+    return KeyLimits(
+        requests_per_minute=row.requests_per_minute,
+        tasks_per_minute=row.tasks_per_minute,
+        concurrent_tasks=row.concurrent_tasks,
+        budget_usd_per_day=row.budget_usd_per_day,
+    )
 
 
 async def ensure_dev_key(*, sessions: SessionFactory, data_dir: Path) -> tuple[str, bool]:

@@ -50,8 +50,12 @@ class Task(SQLModel, table=True):
     """A task as recorded when it ended (completed, failed or cancelled)."""
 
     __tablename__ = "tasks"
-    # GET /v1/tasks pages newest first by (submitted_at, task_id): a keyset, not an offset.
-    __table_args__ = (Index("ix_tasks_submitted_at_task_id", "submitted_at", "task_id"),)
+    __table_args__ = (
+        # GET /v1/tasks pages newest first by (submitted_at, task_id): a keyset, not an offset.
+        Index("ix_tasks_submitted_at_task_id", "submitted_at", "task_id"),
+        # The admission check counts a key's tasks still holding part of its budget.
+        Index("ix_tasks_key_hold", "key_id", "hold_usd"),
+    )
 
     task_id: str = Field(primary_key=True, max_length=128)
     prompt: str = Field(sa_column=Column(Text, nullable=False))
@@ -65,6 +69,13 @@ class Task(SQLModel, table=True):
     # Nullable: rows written before these columns have none (and are not listed).
     owner: str | None = Field(default=None, index=True, max_length=128)  # a principal's name
     submitted_at: datetime | None = _ts(nullable=True)  # the workflow's StartTime
+    # The API key that submitted it (``xpando/auth/spend.py``): written with the row at submit,
+    # before the workflow starts. None: started another way (CLI, tests, operators).
+    key_id: str | None = Field(default=None, max_length=16)
+    # Its worst-case provider cost, held against the key's daily budget while it runs; None once
+    # the record step charged what it cost (``charged_usd``: the sum of its contributions').
+    hold_usd: float | None = None
+    charged_usd: float | None = None
 
 
 class Contribution(SQLModel, table=True):
@@ -209,3 +220,32 @@ class ApiKey(SQLModel, table=True):
     created_at: datetime = _ts()
     expires_at: datetime | None = _ts(nullable=True)
     revoked_at: datetime | None = _ts(nullable=True)
+    # Its own limits (``xpando/auth/limits.py``); None: the deployment's XPANDO_LIMIT_* value.
+    requests_per_minute: int | None = None
+    tasks_per_minute: int | None = None
+    concurrent_tasks: int | None = None
+    budget_usd_per_day: float | None = None
+
+
+class KeySpend(SQLModel, table=True):
+    """What a key's tasks cost at the providers on one UTC day (``day``: ``YYYY-MM-DD``), added
+    to by the record step once per task (``tasks.charged_usd`` says what was charged)."""
+
+    __tablename__ = "key_spend"
+
+    key_id: str = Field(primary_key=True, max_length=16)
+    day: str = Field(primary_key=True, max_length=10)
+    spent_usd: float = 0.0
+    tasks: int = 0  # tasks charged that day
+    updated_at: datetime = _ts()
+
+
+class RateCounter(SQLModel, table=True):
+    """A per-minute counter of the database backend of the limiter (``xpando/auth/limits.py``):
+    ``count`` hits in the window that ends at ``resets_at`` (Unix seconds)."""
+
+    __tablename__ = "rate_counters"
+
+    bucket: str = Field(primary_key=True, max_length=64)
+    count: int = 0
+    resets_at: float = 0.0

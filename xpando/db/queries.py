@@ -177,7 +177,18 @@ async def record_task(
             "submitted_at": record.submitted_at,
         },
         keys=["task_id"],
-        update=["domain", "status", "answer", "confidence", "error", "completed_at"],
+        # owner and submission time too: an admitted task's row exists from submit (its key's
+        # budget hold, xpando/auth/spend.py) without them.
+        update=[
+            "domain",
+            "status",
+            "answer",
+            "confidence",
+            "error",
+            "completed_at",
+            "owner",
+            "submitted_at",
+        ],
     )
     await _upsert(
         session,
@@ -296,10 +307,13 @@ async def list_tasks(
 
 
 async def recorded_tasks(*, session: AsyncSession, task_ids: Sequence[str]) -> dict[str, Task]:
-    """The recorded rows of these tasks (those that have one), by task id."""
+    """The recorded rows of these tasks (those that have one), by task id. A ``queued`` row is
+    the admission's (``xpando/auth/spend.py``, written at submit): not a record."""
     if not task_ids:
         return {}
-    rows = await session.exec(select(Task).where(col(Task.task_id).in_(list(task_ids))))
+    rows = await session.exec(
+        select(Task).where(col(Task.task_id).in_(list(task_ids)), col(Task.status) != "queued")
+    )
     return {t.task_id: t for t in rows.all()}
 
 
