@@ -77,7 +77,9 @@ def _cipher(
 CipherDep = Annotated[PayloadCipher, Depends(_cipher)]
 
 
-@router.post("/decode", response_model=CodecPayloads, responses=responses(401, 403, 404, 413, 422))
+@router.post(
+    "/decode", response_model=CodecPayloads, responses=responses(400, 401, 403, 404, 413, 422)
+)
 async def decode(body: CodecPayloads, cipher: CipherDep) -> CodecPayloads:
     """Decrypt the payloads xpando encrypted; any other payload comes back as it was sent.
     ``422 payload_key_unknown`` names a key id this API does not hold,
@@ -90,7 +92,9 @@ async def decode(body: CodecPayloads, cipher: CipherDep) -> CodecPayloads:
     return _body(decoded)
 
 
-@router.post("/encode", response_model=CodecPayloads, responses=responses(401, 403, 404, 413, 422))
+@router.post(
+    "/encode", response_model=CodecPayloads, responses=responses(400, 401, 403, 404, 413, 422)
+)
 async def encode(body: CodecPayloads, cipher: CipherDep) -> CodecPayloads:
     """Encrypt payloads with the current key (what ``temporal workflow start --codec-endpoint``
     uses for its ``--input``)."""
