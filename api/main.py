@@ -9,7 +9,7 @@ from fastapi import FastAPI
 
 from api import errors
 from api.deps import BodyLimit
-from api.routes import health, keys, knowledge, metrics, nodes, payouts, tasks
+from api.routes import codec, health, keys, knowledge, metrics, nodes, payouts, tasks
 from workers.wiring import build_knowledge_index, build_liveness, build_registry
 from xpando import __version__, telemetry, temporal
 from xpando.auth.limits import limiter_from_settings
@@ -49,6 +49,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     errors.install(app)
     app.add_middleware(BodyLimit, limit=settings.api_max_body_bytes)
     metrics.install(app)
+    codec.install(app, settings)
     telemetry.instrument_app(app)
     app.include_router(health.router)
     app.include_router(tasks.router)
@@ -58,4 +59,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(knowledge.router)
     app.include_router(keys.router)
     app.include_router(metrics.router)
+    app.include_router(codec.router)
     return app

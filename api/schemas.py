@@ -634,3 +634,34 @@ def example(model: BaseModel, description: str | None = None) -> dict[str, Any]:
     if description is not None:
         entry["description"] = description
     return entry
+
+
+# --- the codec endpoint (Temporal's remote codec protocol) -------------------------------------
+
+# Protobuf JSON's bytes: base64, standard or URL-safe, padded or not.
+BASE64_PATTERN = r"^(?:[A-Za-z0-9+/_-]{4})*(?:[A-Za-z0-9+/_-]{2}(?:==)?|[A-Za-z0-9+/_-]{3}=?)?$"
+# Temporal refuses a payload over 2 MiB (its default blob size limit): this is its base64.
+PAYLOAD_MAX_BASE64 = (2 * 1024 * 1024 + 2) // 3 * 4
+MetadataKey = Annotated[str, StringConstraints(min_length=1, max_length=64)]
+MetadataValue = Annotated[str, StringConstraints(max_length=1024, pattern=BASE64_PATTERN)]
+
+
+class CodecPayload(BaseModel):
+    """A ``temporal.api.common.v1.Payload`` in protobuf JSON."""
+
+    metadata: dict[MetadataKey, MetadataValue] = Field(
+        default_factory=dict, max_length=16, description="e.g. encoding: base64 of json/plain"
+    )
+    data: str = Field(
+        "",
+        max_length=PAYLOAD_MAX_BASE64,
+        pattern=BASE64_PATTERN,
+        description="The payload's bytes, base64",
+    )
+
+
+class CodecPayloads(BaseModel):
+    """``{"payloads": [...]}``: the body and the answer of ``/codec/encode`` and ``/codec/decode``,
+    the ``temporal.api.common.v1.Payloads`` message in protobuf JSON."""
+
+    payloads: list[CodecPayload] = Field(default_factory=list, max_length=100)

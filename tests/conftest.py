@@ -252,10 +252,12 @@ async def _serve(server: uvicorn.Server, settings: Settings) -> None:
 
 
 @contextmanager
-def served_api(settings: Settings, *, access_log: bool = False) -> Iterator[str]:
-    """The API served by uvicorn at ``settings.api_host:api_port`` with a core worker, in a
-    thread with its own event loop (so a test calls it synchronously, as any client would); its
-    base URL."""
+def served_api(
+    settings: Settings, *, access_log: bool = False, core_worker: bool = True
+) -> Iterator[str]:
+    """The API served by uvicorn at ``settings.api_host:api_port`` with a core worker (unless
+    ``core_worker`` is false), in a thread with its own event loop (so a test calls it
+    synchronously, as any client would); its base URL."""
     server = uvicorn.Server(
         uvicorn.Config(
             create_app(settings),
@@ -265,9 +267,8 @@ def served_api(settings: Settings, *, access_log: bool = False) -> Iterator[str]
             access_log=access_log,
         )
     )
-    thread = threading.Thread(
-        target=asyncio.run, args=(_serve(server, settings),), name="api", daemon=True
-    )
+    serve = _serve(server, settings) if core_worker else server.serve()
+    thread = threading.Thread(target=asyncio.run, args=(serve,), name="api", daemon=True)
     thread.start()
     deadline = time.monotonic() + 60
     while not server.started:

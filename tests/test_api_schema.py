@@ -7,6 +7,8 @@ scheme refuses a request without a key or with a wrong one (``ignored_auth``).""
 from __future__ import annotations
 
 import asyncio
+import base64
+import os
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,6 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 import schemathesis
+from pydantic import SecretStr
 from schemathesis import engine
 from schemathesis.engine import Status, events
 
@@ -65,6 +68,8 @@ def api(temporal_target: str, tmp_path: Path) -> Iterator[tuple[str, str]]:
         # No expert runs here: tasks fail at once rather than wait for one, so a stream of
         # their events (GET /v1/tasks/{id}/events) ends instead of outliving the request timeout.
         task_wait_for_experts_s=0,
+        # Payloads encrypted, so that /codec decodes and encodes instead of answering codec_off.
+        payload_key=SecretStr(f"k1:{base64.b64encode(os.urandom(32)).decode()}"),
     )
     key = asyncio.run(issue_admin_key(app_settings))
     with served_api(app_settings) as url:

@@ -6,6 +6,7 @@ runs — a core worker of two builds, offline expert nodes, a finished task, a p
 from __future__ import annotations
 
 import asyncio
+import base64
 import itertools
 import json
 import os
@@ -16,11 +17,12 @@ from contextlib import AsyncExitStack
 from pathlib import Path
 
 import pytest
+from pydantic import SecretStr
 from temporalio.api.workflowservice.v1 import DescribeWorkerDeploymentRequest
 from temporalio.client import Client
 
 from cli.devserver import temporal_cli
-from tests.conftest import IN_CI, wait_for, wait_live
+from tests.conftest import IN_CI, free_port, issue_key, served_api, wait_for, wait_live
 from tests.cookbook import Block, Command, CommandFailed, CookbookError, parse, run_block
 from tests.payout_support import accrue, payout_settings
 from workers.core import build_core_worker
@@ -29,6 +31,7 @@ from workers.payouts import build_payout_activities, ensure_payout_schedule, sch
 from workflows.payout import PayoutSagaWorkflow
 from workflows.task import TaskWorkflow
 from xpando import temporal
+from xpando.auth.keys import Scope
 from xpando.chain import init_embedded_chain
 from xpando.contracts import TaskInput, TaskStage
 from xpando.contracts_payouts import PayoutStage, epoch_workflow_id
@@ -189,7 +192,10 @@ async def test_every_cookbook_command_runs_against_real_runs(
             "EPOCH": str(EPOCH),
             "BUILD_ID": NEW_BUILD,
         }
-        needs = {"waiting-task": _waiting_task(client, s)}
+        needs = {
+            "waiting-task": _waiting_task(client, s),
+            "sealed-task": _sealed_task(stack, s, sessions),
+        }
 
         blocks = parse(QUERIES.read_text())
         ran: list[str] = []
@@ -328,5 +334,42 @@ def _waiting_task(client: Client, s: Settings) -> Callable[[], Awaitable[dict[st
         await wait_for(waiting, timeout=15)
         await _listed(client, f'WorkflowId="{task_id}" AND XpandoStatus="waiting"')
         return {"TASK_ID": task_id}
+
+    return start
+
+
+def _sealed_task(
+    stack: AsyncExitStack, s: Settings, sessions: SessionFactory
+) -> Callable[[], Awaitable[dict[str, str]]]:
+    """A task whose payloads are encrypted, and the API serving ``/codec`` with its key: the
+    API (without a worker) on a loopback port, a key with ``codec:decode``, and a task started
+    with the payload key on a queue no worker polls, then terminated (the cookbook's workers
+    have no key, and would fail it). Sets ``TASK_ID``, ``CODEC_ENDPOINT`` and ``CODEC_KEY``."""
+    sealed = s.model_copy(
+        update={
+            "payload_key": SecretStr(f"ops-1:{base64.b64encode(os.urandom(32)).decode()}"),
+            "api_host": "127.0.0.1",
+            "api_port": free_port(),
+        }
+    )
+    numbers = itertools.count(1)
+    codec: dict[str, str] = {}
+
+    async def start() -> dict[str, str]:
+        if not codec:
+            url = stack.enter_context(served_api(sealed, core_worker=False))
+            codec["CODEC_ENDPOINT"] = f"{url}/codec"
+            codec["CODEC_KEY"] = await issue_key(sessions, Scope.CODEC_DECODE, name="ops-codec")
+        task_id = f"task-sealed-{next(numbers)}"
+        client = await temporal.connect(sealed)
+        handle = await client.start_workflow(
+            TaskWorkflow.run,
+            TaskInput(task_id=task_id, prompt="Which supplier do we pay twice a month?"),
+            id=task_id,
+            task_queue="xpando-sealed",
+            search_attributes=temporal.initial_task_attributes(None),
+        )
+        await handle.terminate(reason="cookbook: a sealed task to read")
+        return {"TASK_ID": task_id, **codec}
 
     return start

@@ -10,6 +10,7 @@ from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from xpando import __version__
+from xpando.payload_codec import PayloadKeys
 
 # What OTEL_TRACES_EXPORTER may name (xpando/telemetry.py builds them).
 TRACES_EXPORTERS = ("otlp", "console", "none")
@@ -24,6 +25,8 @@ class Settings(BaseSettings):
         env_file_encoding="utf-8",
         extra="ignore",
         populate_by_name=True,  # provider keys also come by their conventional names
+        # A refused value is not echoed: it may be a secret (a malformed XPANDO_PAYLOAD_KEY).
+        hide_input_in_errors=True,
     )
 
     # --- local state --------------------------------------------------------------------------
@@ -92,6 +95,32 @@ class Settings(BaseSettings):
         description="A starting worker makes its version the deployment's current one "
         "(off for a controlled rollout with `temporal worker deployment set-current-version`)",
     )
+
+    # --- private payloads (README "Private payloads") -------------------------------------------
+    payload_key: SecretStr | None = Field(
+        None,
+        description="Keys that encrypt Temporal payloads, <key id>:<base64 of 32 bytes>, "
+        "comma-separated: the first encrypts, every one decrypts (unset: clear text)",
+    )
+    codec_cors_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["http://localhost:8233", "http://127.0.0.1:8233"],
+        description="Comma-separated origins (a Temporal Web UI's) whose pages may call the "
+        "API's /codec endpoint",
+    )
+
+    @field_validator("payload_key", mode="after")
+    @classmethod
+    def _parse_payload_key(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None:
+            PayloadKeys.parse(value.get_secret_value())
+        return value
+
+    @field_validator("codec_cors_origins", mode="before")
+    @classmethod
+    def _split_origins(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [part.strip().rstrip("/") for part in value.split(",") if part.strip()]
+        return value
 
     # --- database -----------------------------------------------------------------------------
     database_url: str | None = Field(
@@ -440,6 +469,13 @@ class Settings(BaseSettings):
     def traces_exporters(self) -> list[str]:
         """The span exporters asked for (empty: tracing is off)."""
         return [name for name in self.otel_traces_exporter.split(",") if name != "none"]
+
+    @property
+    def payload_keys(self) -> PayloadKeys | None:
+        """The parsed ``XPANDO_PAYLOAD_KEY`` (``None``: payloads travel in clear text)."""
+        if self.payload_key is None:
+            return None
+        return PayloadKeys.parse(self.payload_key.get_secret_value())
 
     @property
     def api_base(self) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import math
 import time
 from collections.abc import AsyncIterator
@@ -37,6 +38,7 @@ from temporalio.service import RPCError
 from xpando import telemetry
 from xpando.contracts import INVALID_TEXT, INVALID_TEXT_TYPE
 from xpando.logs import get_logger
+from xpando.payload_codec import EncryptedPayloadRefusal, PayloadCipher
 from xpando.settings import Settings
 
 log = get_logger(__name__)
@@ -92,7 +94,9 @@ INVALID_INPUT_TYPE = "InvalidInput"
 
 
 class PayloadConverter(CompositePayloadConverter):
-    """The SDK's default converters with :class:`_JSONPayloadConverter` for JSON."""
+    """The SDK's default converters with :class:`_JSONPayloadConverter` for JSON, and last (so
+    it costs nothing when writing) one that refuses an encrypted payload, typed, when this
+    process has no key to decrypt it (:class:`~xpando.payload_codec.EncryptedPayloadRefusal`)."""
 
     def __init__(self) -> None:
         json_converter = _JSONPayloadConverter()
@@ -100,12 +104,23 @@ class PayloadConverter(CompositePayloadConverter):
             *(
                 json_converter if isinstance(c, JSONPlainPayloadConverter) else c
                 for c in DefaultPayloadConverter.default_encoding_payload_converters
-            )
+            ),
+            EncryptedPayloadRefusal(),
         )
 
 
-# What every client and worker of xpando uses (workers take their client's).
+# xpando's data converter without a payload codec: what a process without XPANDO_PAYLOAD_KEY
+# uses (see data_converter_for).
 data_converter = DataConverter(payload_converter_class=PayloadConverter)
+
+
+def data_converter_for(settings: Settings) -> DataConverter:
+    """What every client and worker of xpando uses (workers take their client's): the data
+    converter above, with the AES-GCM payload codec when ``XPANDO_PAYLOAD_KEY`` holds keys."""
+    keys = settings.payload_keys
+    if keys is None:
+        return data_converter
+    return dataclasses.replace(data_converter, payload_codec=PayloadCipher(keys))
 
 
 class TemporalUnreachable(RuntimeError):
@@ -115,17 +130,19 @@ class TemporalUnreachable(RuntimeError):
 async def connect(
     settings: Settings, *, attempts: int = 1, delay_s: float = 0.5, runtime: Runtime | None = None
 ) -> Client:
-    """Connect with xpando's data converter (and, while tracing is on, the tracing interceptor,
+    """Connect with xpando's data converter (:func:`data_converter_for`: with the payload codec
+    when a payload key is set; and, while tracing is on, the tracing interceptor,
     which the client's workers inherit), trying ``attempts`` times while it starts; raises
     :class:`TemporalUnreachable` naming the address when every attempt failed."""
     runtime = runtime or metrics_runtime()
+    converter = data_converter_for(settings)
     last: Exception | None = None
     for attempt in range(max(1, attempts)):
         try:
             return await Client.connect(
                 settings.temporal_target,
                 namespace=settings.temporal_namespace,
-                data_converter=data_converter,
+                data_converter=converter,
                 interceptors=telemetry.client_interceptors(),
                 runtime=runtime,
                 tls=settings.temporal_tls,

@@ -40,6 +40,9 @@ class Scope(StrEnum):
     PAYOUTS_READ = "payouts:read"
     PAYOUTS_APPROVE = "payouts:approve"  # settle an epoch, approve its payouts
     METRICS_READ = "metrics:read"  # scrape /metrics (give Prometheus a key with only this)
+    # /codec: decrypt (and encrypt) Temporal payloads for the Web UI and the CLI; a key with it
+    # reads every prompt and answer in Temporal's history
+    CODEC_DECODE = "codec:decode"
     ADMIN = "admin"  # manage keys; holds every other scope too
 
 
