@@ -96,9 +96,13 @@ def _wait_task(
     deadline = time.monotonic() + timeout
     stages = []
     while time.monotonic() < deadline:
-        view: dict[str, Any] = httpx.get(
-            f"{base}/v1/tasks/{task_id}", headers=auth, timeout=5
-        ).json()
+        try:
+            view: dict[str, Any] = httpx.get(
+                f"{base}/v1/tasks/{task_id}", headers=auth, timeout=5
+            ).json()
+        except httpx.TimeoutException:  # a busy machine, or the core worker restarting
+            stages.append("(no answer in 5 s)")
+            continue
         stages.append(view.get("stage"))
         if view["status"] != "running":
             return view
