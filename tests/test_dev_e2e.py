@@ -94,7 +94,7 @@ def _wait_task(
     base: str, task_id: str, auth: dict[str, str], timeout: float = 60
 ) -> dict[str, Any]:
     deadline = time.monotonic() + timeout
-    stages = []
+    stages: list[Any] = []
     while time.monotonic() < deadline:
         try:
             view: dict[str, Any] = httpx.get(
