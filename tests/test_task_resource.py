@@ -41,6 +41,7 @@ from api.schemas import (
     TaskView,
 )
 from tests.conftest import free_port, issue_key, offline_network, wait_for, wait_live
+from tests.fakes.experts import HangingPanel
 from workers.core import build_core_worker
 from xpando.auth.keys import Scope
 from xpando.contracts import (
@@ -486,36 +487,6 @@ async def test_recorded_tasks_page_by_submission_time_and_id(any_engine: AsyncEn
 
 
 # --- cancel --------------------------------------------------------------------------------------
-
-
-class HangingPanel:
-    """Fake experts: ``quick`` ones answer at once; the others sleep, heartbeating, until
-    cancelled (and say they were)."""
-
-    def __init__(self, quick: set[str]) -> None:
-        self.cancelled: list[str] = []
-
-        @activity.defn(name="answer")
-        async def answer(input: AnswerInput) -> Contribution:
-            if input.node_id not in quick:
-                try:
-                    while True:
-                        activity.heartbeat()
-                        await asyncio.sleep(0.1)
-                except asyncio.CancelledError:
-                    self.cancelled.append(input.node_id)
-                    raise
-            return Contribution(
-                node_id=input.node_id,
-                region="eu-west",
-                provider="fake",
-                model="fake-1",
-                status=ContributionStatus.OK,
-                answer="knead it ten minutes",
-                relevance=0.9,
-            )
-
-        self.answer = answer
 
 
 async def test_cancel_stops_a_task_whose_experts_hang_and_says_who_had_answered(

@@ -17,6 +17,7 @@ from temporalio.exceptions import ApplicationError, CancelledError
 from temporalio.worker import Worker
 
 from tests.conftest import offline_network, wait_for, wait_live
+from tests.fakes.experts import HangingPanel
 from workers.core import build_core_worker
 from workflows.task import TaskWorkflow
 from xpando.contracts import (
@@ -307,43 +308,13 @@ async def test_progress_query_shows_the_stage_while_experts_work(
         assert (await handle.query(TaskWorkflow.progress)).stage == TaskStage.COMPLETED
 
 
-class _Panel:
-    """Fake experts: ``quick`` ones answer at once, the others work (heartbeating) until
-    cancelled, and say so."""
-
-    def __init__(self, quick: set[str]) -> None:
-        self.cancelled: list[str] = []
-
-        @activity.defn(name="answer")
-        async def answer(input: AnswerInput) -> Contribution:
-            if input.node_id not in quick:
-                try:
-                    while True:
-                        activity.heartbeat()
-                        await asyncio.sleep(0.1)
-                except asyncio.CancelledError:
-                    self.cancelled.append(input.node_id)
-                    raise
-            return Contribution(
-                node_id=input.node_id,
-                region="eu-west",
-                provider="fake",
-                model="fake-1",
-                status=ContributionStatus.OK,
-                answer=f"bread needs yeast ({input.node_id})",
-                relevance=0.9,
-            )
-
-        self.answer = answer
-
-
 async def test_a_cancelled_task_stops_its_experts_and_is_recorded_with_who_answered(
     client: Client, settings: Settings, sessions: SessionFactory
 ) -> None:
     quick, slow = _ids("quick"), [_ids("hung"), _ids("hung")]
     nodes = [quick, *slow]
     await _register_fake_nodes(sessions, nodes, ["bread", "yeast", "dough"])
-    panel = _Panel({quick})
+    panel = HangingPanel({quick})
     async with AsyncExitStack() as stack:
         await stack.enter_async_context(
             build_core_worker(client, sessions=sessions, settings=settings)

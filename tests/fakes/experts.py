@@ -1,0 +1,40 @@
+"""Fake experts for tests that run TaskWorkflow without providers (the activity keeps its real
+name, ``answer``)."""
+
+from __future__ import annotations
+
+import asyncio
+
+from temporalio import activity
+
+from xpando.contracts import AnswerInput, Contribution, ContributionStatus
+
+
+class HangingPanel:
+    """``quick`` nodes answer at once; the others work, heartbeating, until cancelled, and say
+    so in ``cancelled`` (what a cancelled task must do to the experts still answering)."""
+
+    def __init__(self, quick: set[str]) -> None:
+        self.cancelled: list[str] = []
+
+        @activity.defn(name="answer")
+        async def answer(input: AnswerInput) -> Contribution:
+            if input.node_id not in quick:
+                try:
+                    while True:
+                        activity.heartbeat()
+                        await asyncio.sleep(0.1)
+                except asyncio.CancelledError:
+                    self.cancelled.append(input.node_id)
+                    raise
+            return Contribution(
+                node_id=input.node_id,
+                region="eu-west",
+                provider="fake",
+                model="fake-1",
+                status=ContributionStatus.OK,
+                answer=f"answered by {input.node_id}",
+                relevance=0.9,
+            )
+
+        self.answer = answer
