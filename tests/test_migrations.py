@@ -293,9 +293,11 @@ async def test_a_missing_not_null_column_is_refused_untouched(empty: AsyncEngine
 async def test_processes_starting_at_once_migrate_once(empty_dsn: str) -> None:
     """Every process calls ``init_db`` at start: on a new database, one migrates and the rest
     wait for it (each with its own engine, as separate processes have)."""
-    engines = [create_engine(empty_dsn) for _ in range(4)]
+    engines = [create_engine(empty_dsn) for _ in range(6)]
     try:
-        await asyncio.gather(*(init_db(engine) for engine in engines))
+        async with asyncio.TaskGroup() as starts:  # one failing stops the rest (no stragglers)
+            for engine in engines:
+                starts.create_task(init_db(engine))
         async with engines[0].connect() as conn:
             versions = (await conn.execute(text("SELECT version_num FROM alembic_version"))).all()
         assert [v for (v,) in versions] == [migrate.head()]

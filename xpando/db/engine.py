@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sqlite3
+import time
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +14,8 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 
 SessionFactory = async_sessionmaker[AsyncSession]
 SQLITE_CONNECTIONS = 1
+# How long a connection to a new SQLite file retries turning on WAL while another process does.
+WAL_SWITCH_SECONDS = 30.0
 
 
 def create_engine(dsn: str, *, echo: bool = False) -> AsyncEngine:
@@ -37,13 +41,31 @@ def create_engine(dsn: str, *, echo: bool = False) -> AsyncEngine:
         @event.listens_for(engine.sync_engine, "connect")
         def _sqlite_pragmas(dbapi_conn: Any, _: ConnectionPoolEntry) -> None:
             cursor = dbapi_conn.cursor()
-            cursor.execute("PRAGMA journal_mode=WAL")
-            cursor.execute("PRAGMA synchronous=NORMAL")
             cursor.execute("PRAGMA busy_timeout=30000")
+            _journal_mode_wal(cursor)
+            cursor.execute("PRAGMA synchronous=NORMAL")
             cursor.execute("PRAGMA foreign_keys=ON")
             cursor.close()
 
     return engine
+
+
+def _journal_mode_wal(cursor: Any) -> None:
+    """Turn on WAL (it stays on in the file). Switching a new file needs its exclusive lock, and
+    when several processes start on it at once SQLite refuses the losers at once ("database is
+    locked", without waiting: two of them holding a read lock would otherwise wait on each other
+    forever), so the switch is retried until the winner has made it."""
+    deadline = time.monotonic() + WAL_SWITCH_SECONDS
+    pause = 0.01
+    while True:
+        try:
+            cursor.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as err:
+            if "locked" not in str(err) or time.monotonic() > deadline:
+                raise
+        time.sleep(pause)  # only while connecting to a file another process is switching
+        pause = min(pause * 2, 0.2)
 
 
 def session_factory(engine: AsyncEngine) -> SessionFactory:

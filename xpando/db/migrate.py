@@ -14,6 +14,8 @@ like any other, without touching a row.
 
 from __future__ import annotations
 
+import asyncio
+import weakref
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -35,6 +37,20 @@ BASELINE_REVISION = "0001"
 # Key of the PostgreSQL advisory lock the upgrade holds ("xpando" in ASCII): a constant that no
 # other code in the database takes.
 ADVISORY_LOCK_KEY = 0x78_70_61_6E_64_6F
+# Alembic keeps the running migration's context in module globals: two upgrades in one process
+# (of different databases: one database's are kept apart by its own lock) take turns.
+_IN_PROCESS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _in_process() -> asyncio.Lock:
+    """This event loop's turn lock (an asyncio lock serves one loop only)."""
+    loop = asyncio.get_running_loop()
+    lock = _IN_PROCESS.get(loop)
+    if lock is None:
+        lock = _IN_PROCESS[loop] = asyncio.Lock()
+    return lock
 
 
 class SchemaError(Exception):
@@ -108,7 +124,7 @@ async def upgrade(engine: AsyncEngine) -> SchemaState:
     found = await current(engine)
     if found.at_head:
         return found
-    async with engine.connect() as conn:
+    async with _in_process(), engine.connect() as conn:
         try:
             found = await conn.run_sync(_upgrade_locked)
             await conn.commit()
