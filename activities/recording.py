@@ -21,6 +21,7 @@ from temporalio import activity
 
 from xpando import metrics
 from xpando.auth import spend
+from xpando.auth.holds import RedisHolds
 from xpando.breakers import BreakerBook
 from xpando.contracts import (
     AggregateResult,
@@ -60,8 +61,10 @@ class RecordingActivities:
         reputation: ReputationParams,
         aggregator: Provider | None = None,
         publish: Publisher | None = None,
+        holds: RedisHolds | None = None,
     ) -> None:
         self._sessions = sessions
+        self._holds = holds  # the API's holds in Redis, when it has them there
         self._breakers = breaker_book
         self._reputation = reputation
         self._aggregator = aggregator
@@ -107,12 +110,29 @@ class RecordingActivities:
         self._aggregations.pop(key, None)
         return FinishResult(aggregated=aggregated, domain=domain)
 
+    async def _lift_hold(self, task_id: str, charge: spend.Charge, now: datetime) -> None:
+        """The task is charged: its hold in Redis ends, and its charge counts in the day's copy
+        of the key's spend. Redis down: the hold stays until the key would be refused, when
+        the API finds the task ended and lifts it (``xpando/auth/holds.py``)."""
+        from redis.exceptions import RedisError
+
+        assert self._holds is not None
+        try:
+            await self._holds.lift(
+                key_id=charge.key_id,
+                task_id=task_id,
+                day=spend.day_of(now),
+                charged_usd=charge.total_usd,
+            )
+        except (RedisError, OSError) as err:
+            log.warning("could not lift the task's hold in redis", task_id=task_id, error=repr(err))
+
     @activity.defn(name="record")
     async def record(self, input: RecordInput) -> RecordResult:
         """Persist the task, its contributions and its knowledge item (idempotent upserts)."""
         now = datetime.now(UTC)
 
-        async def write() -> tuple[RecordResult, list[str]]:
+        async def write() -> tuple[RecordResult, list[str], spend.Charge | None]:
             moved: list[str] = []
             with fail_fast(f"record {input.task_id}"):
                 async with self._sessions() as session:  # one transaction
@@ -130,9 +150,11 @@ class RecordingActivities:
                     if input.outcomes:
                         await self._breakers.count_outcomes(session, input.outcomes, now)
                     # The key that submitted the task pays what its contributions cost.
-                    await spend.charge_task(session=session, task_id=input.task_id, now=now)
+                    charge = await spend.charge_task(
+                        session=session, task_id=input.task_id, now=now
+                    )
                     await session.commit()
-            return result, moved
+            return result, moved, charge
 
         async def publish() -> None:
             if input.publish is None:
@@ -145,7 +167,9 @@ class RecordingActivities:
 
         # The signal-with-start and the database writes are independent (each idempotent, and
         # a failure of either retries the step): run them side by side.
-        (result, moved), _ = await asyncio.gather(write(), publish())
+        (result, moved, charge), _ = await asyncio.gather(write(), publish())
+        if charge is not None and self._holds is not None:
+            await self._lift_hold(input.task_id, charge, now)
         if moved:
             log.info("reputation updated", task_id=input.task_id, nodes=moved)
         log.info("recorded", task_id=input.task_id, status=input.status.value)

@@ -122,14 +122,16 @@ async def _authenticate(request: Request) -> Principal:
             "the Authorization header must be 'Bearer <API key>'",
             headers=_challenge("invalid_request"),
         )
-    sessions = cast(SessionFactory, request.app.state.sessions)
-    async with sessions() as session:  # released before the route takes its own session
-        try:
-            return await store.authenticate(session=session, key=token.strip())
-        except store.Unauthenticated as err:
-            raise ApiError(
-                401, "unauthenticated", str(err), headers=_challenge("invalid_token")
-            ) from None
+    try:  # a session of its own, released before the route takes one
+        return await store.verified.authenticate(
+            sessions=get_sessions(request),
+            key=token.strip(),
+            ttl_s=get_settings(request).key_cache_s,
+        )
+    except store.Unauthenticated as err:
+        raise ApiError(
+            401, "unauthenticated", str(err), headers=_challenge("invalid_token")
+        ) from None
 
 
 async def authorize(request: Request, scope: Scope) -> Principal:
@@ -248,15 +250,27 @@ Admin = Annotated[Principal, Depends(require(Scope.ADMIN))]
 # --- limits --------------------------------------------------------------------------------------
 
 
-def refused(principal: Principal, err: LimitExceeded) -> ApiError:
+def refused(principal: Principal | None, err: LimitExceeded) -> ApiError:
     """The answer to a request the key's limits refuse: 402 for its budget, 429 otherwise,
     with ``Retry-After`` when waiting lifts the refusal."""
     headers = None
     if err.retry_after_s is not None:
         headers = {"Retry-After": str(max(1, math.ceil(err.retry_after_s)))}
-    log.info("refused by a limit", code=err.code, key_id=principal.key_id)
+    log.info("refused by a limit", code=err.code, key_id=principal and principal.key_id)
     status = 402 if err.code == BUDGET_EXCEEDED else 429
     return ApiError(status, err.code, err.message, err.details, headers=headers)
+
+
+async def registration_limit(request: Request) -> None:
+    """Signed node registration needs no API key: each client address has its registrations
+    per minute (429 ``registration_rate_limited``)."""
+    address = request.client.host if request.client is not None else "unknown"
+    try:
+        await get_limiter(request).check_registration(
+            address, get_settings(request).limit_registrations_per_minute
+        )
+    except LimitExceeded as err:
+        raise refused(None, err) from None
 
 
 class TaskLimits:
@@ -290,13 +304,14 @@ class TaskLimits:
             raise refused(self._principal, err) from None
 
     async def undo(self) -> None:
-        """The route failed after :meth:`admit`: give the hold back unless the workflow
-        started (when Temporal cannot say, the next refusal of the key finds out)."""
+        """This request did not start the task (the route failed after :meth:`admit`, or the
+        task was submitted before): give its hold back unless the task's workflow is running
+        (when Temporal cannot say, the next refusal of the key finds out)."""
         if self.admission is None or not self.admission.held:
             return
         ended = await _ended(get_temporal(self._request), [self.admission.task_id])
         if ended:
-            await get_limiter(self._request).release(ended)
+            await get_limiter(self._request).release(ended, self.admission)
 
 
 async def _ended(client: Client, task_ids: Sequence[str]) -> Mapping[str, str | None]:

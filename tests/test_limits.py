@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import socket
 import subprocess
 import sys
 import uuid
@@ -163,10 +164,10 @@ async def test_tasks_over_the_per_minute_limit_are_refused_by_every_instance(
 
 
 async def test_the_concurrent_limit_refuses_the_next_task_until_one_has_ended(
-    settings: Settings, sessions: SessionFactory, client: Client
+    shared: Settings, sessions: SessionFactory, client: Client
 ) -> None:
     # No expert anywhere and no wait for one: once a core worker runs, a task fails at once.
-    settings = settings.model_copy(update={"task_wait_for_experts_s": 0})
+    settings = shared.model_copy(update={"task_wait_for_experts_s": 0})
     key, _ = await limited_key(sessions, Scope.TASKS_WRITE, concurrent_tasks=2)
     repeat = {**bearer(key), "Idempotency-Key": f"repeat-{uuid.uuid4().hex}"}
     started: list[str] = []
@@ -196,8 +197,9 @@ async def test_the_concurrent_limit_refuses_the_next_task_until_one_has_ended(
 
 
 async def test_a_task_that_ended_unrecorded_gives_its_slot_back(
-    settings: Settings, sessions: SessionFactory, client: Client, monkeypatch: pytest.MonkeyPatch
+    shared: Settings, sessions: SessionFactory, client: Client, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    settings = shared
     # Holds are checked against Temporal once they are this old (30 s outside tests).
     monkeypatch.setattr(limits, "RECONCILE_AFTER", timedelta(0))
     key, _ = await limited_key(sessions, Scope.TASKS_WRITE, concurrent_tasks=1)
@@ -215,7 +217,36 @@ async def test_a_task_that_ended_unrecorded_gives_its_slot_back(
             started.append(second.json()["task_id"])
         async with sessions() as session:
             row = await session.get(Task, started[0])
-        assert row is not None and row.status == "terminated" and row.hold_usd is None
+        if settings.redis_url:  # held in Redis: the database never had the task
+            assert row is None
+        else:
+            assert row is not None and row.status == "terminated" and row.hold_usd is None
+    finally:
+        await _terminate(client, *started)
+
+
+async def test_with_redis_down_tasks_are_held_in_the_database(
+    settings: Settings, sessions: SessionFactory, client: Client
+) -> None:
+    """An outage of Redis does not take task submission down: holds go to the database, and the
+    key's running tasks are still limited there."""
+    with socket.socket() as closed:  # a loopback port nothing listens on
+        closed.bind(("127.0.0.1", 0))
+        down = settings.model_copy(
+            update={"redis_url": f"redis://127.0.0.1:{closed.getsockname()[1]}/0"}
+        )
+    key, key_id = await limited_key(sessions, Scope.TASKS_WRITE, concurrent_tasks=1)
+    started: list[str] = []
+    try:
+        async with replicas(down, 1) as (api,):
+            accepted = await _submit(api, key)
+            assert accepted.status_code == 202, accepted.text
+            started.append(accepted.json()["task_id"])
+            refused = await _submit(api, key)
+            assert refused.status_code == 429 and _code(refused) == "concurrency_limited"
+        async with sessions() as session:
+            row = await session.get(Task, started[0])
+        assert row is not None and row.key_id == key_id and row.hold_usd is not None
     finally:
         await _terminate(client, *started)
 
@@ -278,8 +309,9 @@ async def _charged(sessions: SessionFactory, task_ids: list[str]) -> float:
 
 
 async def test_a_key_whose_budget_is_spent_cannot_start_a_provider_task_another_key_can(
-    settings: Settings, sessions: SessionFactory, client: Client
+    shared: Settings, sessions: SessionFactory, client: Client
 ) -> None:
+    settings = shared
     prompt = "Why does bread dough rise?"
     # The worst case of a one-expert task on these nodes: the budget of the key "thrifty" is
     # exactly that, so its first task fits and, once it has cost anything, no second one does.
@@ -342,7 +374,12 @@ async def test_a_key_whose_budget_is_spent_cannot_start_a_provider_task_another_
         )
         await session.commit()
         after = await spend.spent_on(session=session, key_id=thrifty_id, day=day)
-    assert again == 0 and after is not None and after.spent_usd == pytest.approx(spent)
+    assert (
+        again is not None
+        and again.added_usd == 0
+        and after is not None
+        and after.spent_usd == pytest.approx(spent)
+    )
 
 
 # --- limits set per key --------------------------------------------------------------------------
@@ -470,6 +507,8 @@ async def test_counters_holds_and_charges_on_both_databases(any_engine: AsyncEng
             await queries.upsert_node(session=session, profile=profile, now=now)
         levels = sorted(await spend.price_levels(session=session))
     assert levels == [("eu", 3.0, 15.0, 2), ("us", 0.0, 0.0, 1), ("us", 1.0, 2.0, 1)]
-    assert first == pytest.approx(0.03) and second == 0
+    assert first is not None and second is not None
+    assert first.added_usd == pytest.approx(0.03) and second.added_usd == 0
+    assert second.total_usd == pytest.approx(0.03) and first.key_id == key_id
     assert load.running == 1 and load.held_usd == 0.5 and load.spent_usd == pytest.approx(0.03)
     assert after.running == 0 and ended is not None and ended.status == "terminated"

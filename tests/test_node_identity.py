@@ -296,3 +296,22 @@ async def test_key_binding_and_nonces_on_sqlite_and_postgresql(any_engine: Async
     async with session_factory(any_engine)() as s:
         row = await queries.get_node(session=s, node_id="n1")
     assert row is not None and row.region == "us-east" and row.public_key == str(key.pubkey())
+
+
+async def test_registrations_from_one_address_are_rate_limited(settings: Settings) -> None:
+    """Registration is open to anyone holding a node key: one address gets its registrations
+    per minute, and the one over them is refused before it registers anything."""
+    limited = settings.model_copy(update={"limit_registrations_per_minute": 3})
+    async with api_client(limited, Scope.NODES_READ) as http:
+        node_ids = [f"rl-{i}-{uuid.uuid4().hex[:6]}" for i in range(4)]
+        answers = []
+        for node_id in node_ids:
+            request = sign_request(
+                Keypair(), action=NodeAction.REGISTER, node_id=node_id, profile=_profile(node_id)
+            )
+            answers.append(await http.post("/v1/nodes", json=_body(request)))
+        assert [a.status_code for a in answers] == [201, 201, 201, 429]
+        assert _code(answers[3]) == "registration_rate_limited"
+        assert 1 <= int(answers[3].headers["Retry-After"]) <= 60
+        listed = (await http.get("/v1/nodes")).json()["nodes"]
+        assert {n["node_id"] for n in listed} == set(node_ids[:3])

@@ -25,6 +25,7 @@ from workflows.node_registration import NodeRegistrationWorkflow
 from workflows.payout import PayoutSagaWorkflow
 from workflows.task import TaskWorkflow
 from xpando import telemetry, temporal
+from xpando.auth.holds import RedisHolds
 from xpando.db import SessionFactory, create_engine, init_db, session_factory
 from xpando.logs import get_logger
 from xpando.mother.knowledge import Consolidator
@@ -47,7 +48,10 @@ def build_core_worker(
     settings: Settings,
     task_queue: str | None = None,
     payouts: PayoutActivities | None = None,
+    holds: RedisHolds | None = None,
 ) -> Worker:
+    """The core worker; ``holds``: the API's task holds in Redis (made from
+    ``XPANDO_REDIS_URL`` when not given), which the record step lifts."""
     payouts = payouts or build_payout_activities(sessions=sessions, settings=settings)
     queue = task_queue or settings.core_task_queue
     parts = build_core_parts(client, sessions, settings)
@@ -63,6 +67,7 @@ def build_core_worker(
         reputation=reputation_params(settings),
         aggregator=build_aggregator(settings),
         publish=knowledge_publisher(client, queue),
+        holds=holds or (RedisHolds(settings.redis_url) if settings.redis_url else None),
     )
     registration = RegistrationActivities(registry=parts.registry, liveness=parts.liveness)
     knowledge = KnowledgeActivities(
@@ -95,7 +100,10 @@ async def run_core_worker(settings: Settings) -> None:
     client = await temporal.connect(settings, attempts=60)
     engine = create_engine(settings.database_dsn)
     await init_db(engine)
-    worker = build_core_worker(client, sessions=session_factory(engine), settings=settings)
+    holds = RedisHolds(settings.redis_url) if settings.redis_url else None
+    worker = build_core_worker(
+        client, sessions=session_factory(engine), settings=settings, holds=holds
+    )
     await ensure_payout_schedule(client, settings)
     stop_on_signals(worker.shutdown)
     log.info("core worker started", task_queue=settings.core_task_queue)
@@ -103,4 +111,6 @@ async def run_core_worker(settings: Settings) -> None:
         await worker.run()
     finally:
         await engine.dispose()
+        if holds is not None:
+            await holds.aclose()
         log.info("core worker stopped")

@@ -61,10 +61,9 @@ RECORD_RETRY = RetryPolicy(
 # Reporting an ask's outcome to the circuit breakers is advisory: a few quick tries, then move on.
 OUTCOME_RETRY = RetryPolicy(initial_interval=timedelta(milliseconds=200), maximum_attempts=3)
 STANDBYS = 2
-# A task that finds no live expert waits for one (a network starting or restarting, a region
-# being rolled): it routes again after EXPERT_WAIT_FIRST, doubling up to EXPERT_WAIT_MAX, until
-# TaskInput.wait_for_experts_s (default DEFAULT_WAIT_FOR_EXPERTS) has passed. A timer per try,
-# not a poll per second: about a dozen tries in two minutes.
+# With no live expert (a network starting, a region being rolled), a task routes again after
+# EXPERT_WAIT_FIRST, doubling up to EXPERT_WAIT_MAX, until TaskInput.wait_for_experts_s (default
+# DEFAULT_WAIT_FOR_EXPERTS) has passed: a timer per try, about a dozen tries in two minutes.
 DEFAULT_WAIT_FOR_EXPERTS = timedelta(seconds=120)
 EXPERT_WAIT_FIRST = timedelta(seconds=1)
 EXPERT_WAIT_MAX = timedelta(seconds=15)
@@ -394,6 +393,7 @@ class TaskWorkflow:
             domain=self._domain,
             status=status,
             owner=input.owner,
+            key_id=input.key_id,
             submitted_at=workflow.info().workflow_start_time,
             started_at=workflow.info().start_time,
             **fields,

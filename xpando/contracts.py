@@ -179,6 +179,8 @@ class TaskInput(Contract):
     # Who submitted it: the name of the API key's principal (never the key); None when the
     # API runs without keys, or for a task started with the CLI or `temporal workflow start`.
     owner: CleanText | None = Field(None, max_length=128)
+    # The id of that key (never the key itself): whose budget the record step charges.
+    key_id: CleanText | None = Field(None, max_length=16)
 
 
 class AnswerPolicy(Contract):
@@ -428,6 +430,7 @@ class RecordInput(Contract):
     contributions: list[Contribution] = Field(default_factory=list)
     reused_knowledge_id: str | None = None
     owner: str | None = None  # TaskInput.owner
+    key_id: str | None = None  # TaskInput.key_id
     submitted_at: datetime | None = None  # when Temporal started the workflow (its StartTime)
     outcomes: list[ExpertOutcomeInput] = Field(
         default_factory=list,

@@ -148,6 +148,14 @@ class Settings(BaseSettings):
         description="Redis for the per-minute counters every API replica shares "
         "(redis://host:6379/0); default: the database",
     )
+    key_cache_s: float = Field(
+        5.0,
+        ge=0,
+        le=300,
+        description="How long an API replica trusts a key it has checked before reading it "
+        "again: a key revoked through another replica or the CLI is refused by this one within "
+        "this time (at once through this one); 0 reads it on every request",
+    )
     limit_requests_per_minute: int = Field(
         1200, ge=0, description="Requests a key may make in a minute (429 rate_limited)"
     )
@@ -161,6 +169,12 @@ class Settings(BaseSettings):
         10.0,
         ge=0,
         description="Provider spend a key may incur in a UTC day, in USD (402 budget_exceeded)",
+    )
+    limit_registrations_per_minute: int = Field(
+        60,
+        ge=0,
+        description="Signed node registrations and deregistrations one client address may send "
+        "in a minute (429 registration_rate_limited)",
     )
     limit_estimate_output_tokens: int = Field(
         1024,

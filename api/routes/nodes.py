@@ -11,7 +11,15 @@ from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, Path, Query, Response
 
-from api.deps import AuthRoute, LivenessDep, RegistryDep, SessionDep, SettingsDep, require
+from api.deps import (
+    AuthRoute,
+    LivenessDep,
+    RegistryDep,
+    SessionDep,
+    SettingsDep,
+    registration_limit,
+    require,
+)
 from api.errors import ApiError, responses
 from api.schemas import (
     DeregisterNodeBody,
@@ -32,6 +40,13 @@ from xpando.routing.registry import NodeRegistry, Registered
 router = APIRouter(prefix="/v1/nodes", tags=["nodes"], route_class=AuthRoute)
 
 NODE_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"  # as SignedNodeRequest.node_id
+_RATE_EXAMPLE = {
+    429: (
+        "registration_rate_limited",
+        "203.0.113.7 sent more than 60 node registrations this minute "
+        "(XPANDO_LIMIT_REGISTRATIONS_PER_MINUTE); retry in 42 s",
+    )
+}
 
 
 @router.get(
@@ -96,8 +111,9 @@ async def list_nodes(
     status_code=201,
     responses={
         200: {"model": NodeRegistered, "description": "An existing node, updated"},
-        **responses(400, 401, 403, 409, 413, 422, 503),
+        **responses(400, 401, 403, 409, 413, 422, 429, 503, examples=_RATE_EXAMPLE),
     },
+    dependencies=[Depends(registration_limit)],
 )
 async def register_node(
     request: RegisterNodeBody, registry: RegistryDep, response: Response
@@ -118,7 +134,8 @@ async def register_node(
 @router.delete(
     "/{node_id}",
     response_model=NodeRegistered,
-    responses=responses(400, 401, 403, 404, 409, 413, 422, 503),
+    responses=responses(400, 401, 403, 404, 409, 413, 422, 429, 503, examples=_RATE_EXAMPLE),
+    dependencies=[Depends(registration_limit)],
 )
 async def deregister_node(
     node_id: Annotated[str, Path(min_length=1, max_length=64, pattern=NODE_ID_PATTERN)],

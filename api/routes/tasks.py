@@ -206,6 +206,7 @@ async def submit_task(
         deadline_ms=max(1, round(deadline_s * 1000)) if deadline_s else None,
         wait_for_experts_s=settings.task_wait_for_experts_s,
         owner=owner,
+        key_id=principal.key_id if principal is not None else None,
     )
     await limits.admit(
         task_id=task_id, prompt=task.prompt, k=k, regions=task.regions, domain=task.domain
@@ -227,6 +228,7 @@ async def submit_task(
         handle = client.get_workflow_handle(task_id)
         existing = True
     if existing:
+        await limits.undo()  # the task's first submission holds its cost
         memo = await (await handle.describe()).memo()
         if memo.get("request_sha256") != request_hash:
             raise ApiError(

@@ -11,13 +11,15 @@ has none, the deployment's ``XPANDO_LIMIT_*``; 0 is no limit. They hold across A
   the rest of the window. A refused request counts too (it does not move the window's end). In a
   rolling minute that straddles two windows a key can make up to 2 N requests: the price of one
   counter per key, where an exact sliding window keeps one entry per request.
-- **Running tasks and spend** live in the database with either backend (``xpando/auth/spend.py``):
-  they belong to tasks, and the record step, in the core worker, charges a task's cost in the
-  transaction that records it.
+- **Running tasks** and their worst-case costs are held in Redis when it is set
+  (``xpando/auth/holds.py``: one script call admits a task) and in the task's database row
+  otherwise (``xpando/auth/spend.py``). **Spend** is in the database with either: the record
+  step, in the core worker, charges a task's cost in the transaction that records it (and then
+  lifts its hold in Redis, where Redis keeps a copy of the day's spend).
 
-If Redis does not answer, the per-minute limits let requests through (logged): an outage of the
-counters does not take the API down with it, and money is guarded by the budget, which is in
-the database.
+If Redis does not answer, the per-minute limits let requests through (logged) and tasks are held
+in the database: an outage of Redis does not take the API down with it, and money stays guarded
+by the budget.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from sqlalchemy import case
 from sqlalchemy.dialects import postgresql, sqlite
 
 from xpando.auth import spend
+from xpando.auth.holds import RedisHolds
 from xpando.auth.keys import KeyLimits, Principal
 from xpando.db import SessionFactory
 from xpando.db.models import RateCounter
@@ -48,6 +51,7 @@ RATE_LIMITED = "rate_limited"
 TASK_RATE_LIMITED = "task_rate_limited"
 CONCURRENCY_LIMITED = "concurrency_limited"
 BUDGET_EXCEEDED = "budget_exceeded"
+REGISTRATION_RATE_LIMITED = "registration_rate_limited"
 
 # The cost estimate (see estimate_task_cost).
 CONTEXT_TOKENS = 1500
@@ -304,6 +308,8 @@ class Admission:
     task_id: str
     held: bool
     estimate_usd: float
+    key_id: str = ""
+    in_redis: bool = False  # held in Redis (else in the task's database row)
 
 
 class Limiter:
@@ -318,8 +324,11 @@ class Limiter:
         defaults: KeyLimits,
         output_tokens: int,
         prices: PriceBook | None = None,
+        holds: RedisHolds | None = None,
     ) -> None:
         self.counter = counter
+        self.holds = holds
+        self._outage_logged = -math.inf
         self._sessions = sessions
         self._defaults = defaults
         self._output_tokens = output_tokens
@@ -340,6 +349,23 @@ class Limiter:
                 f"requests per minute); retry in {math.ceil(hit.retry_after_s)} s",
                 retry_after_s=hit.retry_after_s,
                 details=[_detail("requests_per_minute", f"{limit} requests a minute")],
+            )
+
+    async def check_registration(self, address: str, limit: int) -> None:
+        """A signed node registration from ``address`` (a client's address): open to anyone
+        holding a node key, so counted per address, before its signature and profile cost
+        anything (0: no limit)."""
+        if not limit:
+            return
+        hit = await self.counter.hit(f"registrations:{address}", limit=limit)
+        if not hit.allowed:
+            raise LimitExceeded(
+                REGISTRATION_RATE_LIMITED,
+                f"{address} sent more than {limit} node registrations this minute "
+                f"(XPANDO_LIMIT_REGISTRATIONS_PER_MINUTE); retry in "
+                f"{math.ceil(hit.retry_after_s)} s",
+                retry_after_s=hit.retry_after_s,
+                details=[_detail("registrations_per_minute", f"{limit} a minute")],
             )
 
     async def estimate(self, *, prompt: str, k: int, regions: Sequence[str] = ()) -> float:
@@ -365,6 +391,16 @@ class Limiter:
         unrecorded are given back first (``ended`` asks Temporal), and the check is made again.
         """
         limits = self.limits_for(principal)
+        estimate = await self.estimate(prompt=prompt, k=k, regions=regions)
+        if self.holds is not None:  # one script call counts the task, and holds it
+            from redis.exceptions import RedisError
+
+            try:
+                return await self._admit_in_redis(
+                    self.holds, principal, limits, task_id, estimate, ended
+                )
+            except (RedisError, OSError) as err:
+                self._outage("redis unavailable: tasks held in the database", err)
         counted: asyncio.Future[Hit] | None = None
         if limits.tasks_per_minute:
             # Counted in Redis while the database admits the task; the database backend may
@@ -375,7 +411,6 @@ class Limiter:
             if self.counter.backend == "database":
                 _tasks_per_minute(principal, limits, await counted)
         try:
-            estimate = await self.estimate(prompt=prompt, k=k, regions=regions)
             reconciled = False
             while True:
                 now = datetime.now(UTC)
@@ -409,6 +444,76 @@ class Limiter:
             if counted is not None and not counted.done():
                 counted.cancel()
 
+    async def _admit_in_redis(
+        self,
+        holds: RedisHolds,
+        principal: Principal,
+        limits: KeyLimits,
+        task_id: str,
+        estimate: float,
+        ended: EndedCheck | None,
+    ) -> Admission:
+        key_id = principal.key_id
+        reconciled = False
+        seeded = 0
+        count = True  # the task is counted in its minute once, whatever the tries
+        while True:
+            now = datetime.now(UTC)
+            day = spend.day_of(now)
+            found = await holds.admit(
+                key_id=key_id,
+                task_id=task_id,
+                estimate_usd=estimate,
+                day=day,
+                concurrent=limits.concurrent_tasks or 0,
+                budget_usd=limits.budget_usd_per_day or 0.0,
+                tasks_per_minute=limits.tasks_per_minute or 0 if count else 0,
+                window_s=WINDOW_S,
+                bucket=REDIS_PREFIX + f"{key_id}:tasks",
+            )
+            if found.verdict == "rate":
+                hit = Hit(allowed=False, count=found.running, retry_after_s=found.held_usd)
+                _tasks_per_minute(principal, limits, hit)
+            count = count and found.verdict == "seed"
+            if found.verdict == "seed" and seeded < 3:  # the day's spend, from the database
+                seeded += 1
+                async with self._sessions() as session:
+                    spent = await spend.spent_on(session=session, key_id=key_id, day=day)
+                await holds.seed(key_id=key_id, day=day, spent_usd=spent.spent_usd if spent else 0)
+                continue
+            if found.verdict in ("held", "again"):
+                return Admission(
+                    task_id=task_id,
+                    held=found.verdict == "held",
+                    estimate_usd=estimate,
+                    key_id=key_id,
+                    in_redis=True,
+                )
+            load = spend.KeyLoad(
+                running=found.running, held_usd=found.held_usd, spent_usd=found.spent_usd
+            )
+            refusal = _refusal(principal, limits, load, estimate, now) or LimitExceeded(
+                BUDGET_EXCEEDED, f"API key {key_id} has no room for this task now"
+            )
+            if reconciled or ended is None:
+                raise refusal
+            reconciled = True
+            old = await holds.old_holds(
+                key_id=key_id,
+                admitted_before_s=(now - RECONCILE_AFTER).timestamp(),
+                limit=RECONCILE_MAX,
+            )
+            over = await ended(old) if old else {}
+            if not over:
+                raise refusal
+            await holds.release(key_id=key_id, task_ids=over, day=day)
+            log.info("holds of ended tasks released", key_id=key_id, tasks=sorted(over))
+
+    def _outage(self, message: str, err: BaseException) -> None:
+        if time.monotonic() - self._outage_logged > OUTAGE_LOG_EVERY_S:
+            self._outage_logged = time.monotonic()
+            log.warning(message, error=repr(err))
+
     async def _reconcile(self, key_id: str, ended: EndedCheck) -> bool:
         """Give back the holds of the key's tasks that ended unrecorded; whether any was."""
         async with self._sessions() as session:
@@ -427,15 +532,23 @@ class Limiter:
         log.info("holds of ended tasks released", key_id=key_id, tasks=sorted(over))
         return True
 
-    async def release(self, ended: Mapping[str, str | None]) -> None:
+    async def release(
+        self, ended: Mapping[str, str | None], admission: Admission | None = None
+    ) -> None:
         """Give back the holds of tasks whose workflow ended unrecorded or never started
-        (``ended``: as :data:`EndedCheck` answers)."""
+        (``ended``: as :data:`EndedCheck` answers); ``admission``: where they were held."""
+        if admission is not None and admission.in_redis and self.holds is not None:
+            day = spend.day_of(datetime.now(UTC))
+            await self.holds.release(key_id=admission.key_id, task_ids=ended, day=day)
+            return
         async with self._sessions() as session:
             await spend.release_holds(session=session, ended=ended)
 
     async def aclose(self) -> None:
         await self.prices.aclose()
         await self.counter.aclose()
+        if self.holds is not None:
+            await self.holds.aclose()
 
 
 def _tasks_per_minute(principal: Principal, limits: KeyLimits, hit: Hit) -> None:
@@ -509,4 +622,5 @@ def limiter_from_settings(settings: Settings, sessions: SessionFactory) -> Limit
         sessions=sessions,
         defaults=default_limits(settings),
         output_tokens=settings.limit_estimate_output_tokens,
+        holds=RedisHolds(settings.redis_url) if settings.redis_url else None,
     )

@@ -184,11 +184,21 @@ async def release_holds(*, session: AsyncSession, ended: Mapping[str, str | None
     await session.commit()
 
 
-async def charge_task(*, session: AsyncSession, task_id: str, now: datetime) -> float | None:
+@dataclass(frozen=True, slots=True)
+class Charge:
+    """A task's charge: its key, what its contributions cost in all, and what was added now
+    (0 when a retried record had charged it all before)."""
+
+    key_id: str
+    total_usd: float
+    added_usd: float
+
+
+async def charge_task(*, session: AsyncSession, task_id: str, now: datetime) -> Charge | None:
     """Charge the task's key what the task's recorded contributions cost, once: sets
     ``charged_usd`` to their sum, adds what was not charged before to the key's spend of the
-    day, and lifts the hold. Returns the amount added now (``None``: no key submitted the task).
-    Runs in the caller's transaction, after the contributions are written; does not commit."""
+    day, and lifts the hold. ``None``: no key submitted the task. Runs in the caller's
+    transaction, after the contributions are written; does not commit."""
     dialect = _dialect(session)
     read, lift, add = _charge_statements(dialect)
     task = (await session.exec(read, params={"task_id": task_id})).first()
@@ -208,7 +218,7 @@ async def charge_task(*, session: AsyncSession, task_id: str, now: datetime) -> 
                 "now": now,
             },
         )
-    return added
+    return Charge(key_id=key_id, total_usd=total, added_usd=added)
 
 
 def _charge_statements(dialect: str) -> tuple[Any, Any, Any]:

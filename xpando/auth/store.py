@@ -4,6 +4,7 @@ called by the API, the ``xpando keys`` commands and ``xpando dev``)."""
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -20,6 +21,7 @@ from xpando.auth.keys import (
     Principal,
     Scope,
     dev_key_path,
+    digest,
     key_id_of,
     matches,
     new_key,
@@ -141,6 +143,7 @@ async def revoke_key(
         session.add(row)
         await session.commit()
         await session.refresh(row)
+    verified.forget(key_id)
     return row
 
 
@@ -148,6 +151,13 @@ async def authenticate(
     *, session: AsyncSession, key: str, now: datetime | None = None
 ) -> Principal:
     """The principal of a valid key; :class:`Unauthenticated` with the reason otherwise."""
+    principal, _ = await _authenticated(session=session, key=key, now=now)
+    return principal
+
+
+async def _authenticated(
+    *, session: AsyncSession, key: str, now: datetime | None
+) -> tuple[Principal, ApiKey]:
     key_id = key_id_of(key)
     if key_id is None:
         raise Unauthenticated("the API key is malformed (expected xpd_<id>_<secret>)")
@@ -160,9 +170,56 @@ async def authenticate(
             raise Unauthenticated(f"API key {key_id} was revoked")
         case "expired":
             raise Unauthenticated(f"API key {key_id} has expired")
-    return Principal(
+    principal = Principal(
         key_id=row.key_id, name=row.name, scopes=frozenset(row.scopes), limits=limits_of(row)
     )
+    return principal, row
+
+
+@dataclass(frozen=True, slots=True)
+class _Verified:
+    principal: Principal
+    expires_at: datetime | None
+    until: float  # time.monotonic() after which the key is read again
+
+
+class VerifiedKeys:
+    """Keys this process has checked, for a few seconds (``XPANDO_KEY_CACHE_S``): a request
+    with one of them costs no database read. Held by the digest of the key (never the key); a
+    revocation through this process forgets the key at once, one through another process or
+    the CLI is seen when the entry runs out; an expiry is checked on every request."""
+
+    MAX = 10_000  # the oldest entry makes room beyond this
+
+    def __init__(self) -> None:
+        self._entries: dict[str, _Verified] = {}
+
+    async def authenticate(
+        self, *, sessions: SessionFactory, key: str, ttl_s: float, now: datetime | None = None
+    ) -> Principal:
+        """As :func:`authenticate`, from this cache while the key's entry lasts."""
+        held = digest(key)
+        entry = self._entries.get(held)
+        clock = time.monotonic()
+        if entry is not None and entry.until > clock:
+            expires = entry.expires_at
+            if expires is None or expires > (now or datetime.now(UTC)):
+                return entry.principal
+        self._entries.pop(held, None)
+        async with sessions() as session:
+            principal, row = await _authenticated(session=session, key=key, now=now)
+        if ttl_s > 0:
+            if len(self._entries) >= self.MAX:
+                del self._entries[next(iter(self._entries))]
+            self._entries[held] = _Verified(principal, as_utc(row.expires_at), clock + ttl_s)
+        return principal
+
+    def forget(self, key_id: str) -> None:
+        for held in [h for h, e in self._entries.items() if e.principal.key_id == key_id]:
+            del self._entries[held]
+
+
+verified = VerifiedKeys()
 
 
 def limits_of(row: ApiKey) -> KeyLimits:

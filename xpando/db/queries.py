@@ -175,10 +175,11 @@ async def record_task(
             "completed_at": now if done else None,
             "owner": record.owner,
             "submitted_at": record.submitted_at,
+            "key_id": record.key_id,  # written once: a row made at submit has it already
         },
         keys=["task_id"],
-        # owner and submission time too: an admitted task's row exists from submit (its key's
-        # budget hold, xpando/auth/spend.py) without them.
+        # owner and submission time too: a task held in the database has a row from submit
+        # (its key's budget hold, xpando/auth/spend.py) without them.
         update=[
             "domain",
             "status",
