@@ -39,23 +39,34 @@ PREFIX = "xpando:limit:"
 SPENT_TTL_S = 30
 TIMEOUT_S = 0.5
 
+
+def count_in_window(key: str, window_ms: str) -> str:
+    """Lua that counts one in ``key``, whose window of ``window_ms`` opens at its first count:
+    sets ``count`` and ``ttl`` (ms left of the window). The per-minute counters' one step."""
+    return f"""local count = redis.call('INCR', {key})
+local ttl = redis.call('PTTL', {key})
+if ttl < 0 then
+  redis.call('PEXPIRE', {key}, {window_ms})
+  ttl = tonumber({window_ms})
+end
+"""
+
+
 # KEYS: holds, held_at, spent, the key's tasks-per-minute counter. ARGV: task id, estimate,
 # now (ms), concurrent limit, budget, tasks per minute (0: none, or not counted this call),
 # the counter's window (ms). Returns {verdict, running, held, spent} as strings (Lua numbers
 # would be truncated to integers on the way out): verdict is seed (no copy of the day's spend),
 # rate (over the tasks per minute: then the count and the ms left of the window), again (the
 # task holds already), refused or held. The counter is the one RedisCounter keeps for the key.
-_ADMIT = """
+_ADMIT = (
+    """
 local spent = redis.call('GET', KEYS[3])
 if not spent then return {'seed', '0', '0', '0'} end
 local per_minute = tonumber(ARGV[6])
 if per_minute > 0 then
-  local count = redis.call('INCR', KEYS[4])
-  local ttl = redis.call('PTTL', KEYS[4])
-  if ttl < 0 then
-    redis.call('PEXPIRE', KEYS[4], ARGV[7])
-    ttl = tonumber(ARGV[7])
-  end
+"""
+    + count_in_window("KEYS[4]", "ARGV[7]")
+    + """
   if count > per_minute then return {'rate', tostring(count), tostring(ttl / 1000), '0'} end
 end
 local held = tonumber(ARGV[2])
@@ -75,6 +86,7 @@ redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
 redis.call('ZADD', KEYS[2], ARGV[3], ARGV[1])
 return {'held', tostring(running), tostring(held), spent}
 """
+)
 
 # KEYS: holds, held_at, spent. ARGV: task id, charged USD. Lifts the task's hold; when it was
 # there, adds the charge to the day's copy (if the copy is there: else it is read anew).

@@ -36,7 +36,7 @@ from sqlalchemy import case
 from sqlalchemy.dialects import postgresql, sqlite
 
 from xpando.auth import spend
-from xpando.auth.holds import RedisHolds
+from xpando.auth.holds import RedisHolds, count_in_window
 from xpando.auth.keys import KeyLimits, Principal
 from xpando.db import SessionFactory
 from xpando.db.models import RateCounter
@@ -111,15 +111,7 @@ class Counter(Protocol):
 
 
 # INCR, and the window's expiry when the key is new: atomic, one round trip.
-_REDIS_HIT = """
-local count = redis.call('INCR', KEYS[1])
-local ttl = redis.call('PTTL', KEYS[1])
-if ttl < 0 then
-  redis.call('PEXPIRE', KEYS[1], ARGV[1])
-  ttl = tonumber(ARGV[1])
-end
-return {count, ttl}
-"""
+_REDIS_HIT = count_in_window("KEYS[1]", "ARGV[1]") + "return {count, ttl}\n"
 
 
 class RedisCounter:
@@ -338,34 +330,43 @@ class Limiter:
         return principal.limits.over(self._defaults)
 
     async def check_request(self, principal: Principal) -> None:
-        limit = self.limits_for(principal).requests_per_minute
-        if not limit:
-            return
-        hit = await self.counter.hit(f"{principal.key_id}:requests", limit=limit)
-        if not hit.allowed:
-            raise LimitExceeded(
-                RATE_LIMITED,
-                f"API key {principal.key_id} made more than {limit} requests this minute (its "
-                f"requests per minute); retry in {math.ceil(hit.retry_after_s)} s",
-                retry_after_s=hit.retry_after_s,
-                details=[_detail("requests_per_minute", f"{limit} requests a minute")],
-            )
+        limit = self.limits_for(principal).requests_per_minute or 0
+        await self._per_minute(
+            f"{principal.key_id}:requests",
+            limit,
+            RATE_LIMITED,
+            f"API key {principal.key_id} made more than {limit} requests this minute (its "
+            "requests per minute)",
+            _detail("requests_per_minute", f"{limit} requests a minute"),
+        )
 
     async def check_registration(self, address: str, limit: int) -> None:
         """A signed node registration from ``address`` (a client's address): open to anyone
         holding a node key, so counted per address, before its signature and profile cost
         anything (0: no limit)."""
+        await self._per_minute(
+            f"registrations:{address}",
+            limit,
+            REGISTRATION_RATE_LIMITED,
+            f"{address} sent more than {limit} node registrations this minute "
+            "(XPANDO_LIMIT_REGISTRATIONS_PER_MINUTE)",
+            _detail("registrations_per_minute", f"{limit} a minute"),
+        )
+
+    async def _per_minute(
+        self, bucket: str, limit: int, code: str, over: str, detail: dict[str, str]
+    ) -> None:
+        """Count one in ``bucket``; refused (``code``, ``over`` and when to retry) past
+        ``limit`` (0: no limit, nothing counted)."""
         if not limit:
             return
-        hit = await self.counter.hit(f"registrations:{address}", limit=limit)
+        hit = await self.counter.hit(bucket, limit=limit)
         if not hit.allowed:
             raise LimitExceeded(
-                REGISTRATION_RATE_LIMITED,
-                f"{address} sent more than {limit} node registrations this minute "
-                f"(XPANDO_LIMIT_REGISTRATIONS_PER_MINUTE); retry in "
-                f"{math.ceil(hit.retry_after_s)} s",
+                code,
+                f"{over}; retry in {math.ceil(hit.retry_after_s)} s",
                 retry_after_s=hit.retry_after_s,
-                details=[_detail("registrations_per_minute", f"{limit} a minute")],
+                details=[detail],
             )
 
     async def estimate(self, *, prompt: str, k: int, regions: Sequence[str] = ()) -> float:
