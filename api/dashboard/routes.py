@@ -20,6 +20,7 @@ from fastapi.responses import HTMLResponse, RedirectResponse, StreamingResponse
 from fastapi.routing import APIRoute
 from markupsafe import Markup
 from pydantic import ValidationError
+from temporalio.service import RPCError
 
 from api.dashboard import html, parts, session
 from api.dashboard.html import badge, join, link, num, pct, table, usd, when, xpd
@@ -360,7 +361,8 @@ async def submit_task(request: Request) -> Response:
     except Exception:
         await limits.undo()
         raise
-    return RedirectResponse(f"/tasks/{accepted.task_id}", status_code=303)
+    # follow: the page fills in from the task's event stream even if the task is quick to end
+    return RedirectResponse(f"/tasks/{accepted.task_id}?follow=1", status_code=303)
 
 
 def _contribution(c: Contribution) -> Markup:
@@ -512,8 +514,12 @@ def _ops_of(event: TaskEvent, task_id: str, ui: str) -> list[dict[str, str]]:
 
 @router.get("/tasks/{task_id}")
 async def task_page(
-    request: Request, task_id: Annotated[str, Path(pattern=ID_PATTERN)]
+    request: Request,
+    task_id: Annotated[str, Path(pattern=ID_PATTERN)],
+    follow: Annotated[bool, Query()] = False,
 ) -> Response:
+    """A task: while it runs (or with ``follow``, while Temporal keeps its history) the page
+    fills in from its events as they come; an ended one is shown from its record."""
     viewer = await session.viewer(request, Scope.TASKS_READ)
     ctx = Ctx(request=request, viewer=viewer)
     async with ctx.sessions() as db:
@@ -524,7 +530,7 @@ async def task_page(
             settings=ctx.settings,
             principal=viewer.principal,
         )
-    running = view.status in ("running", "waiting")
+    running = view.status in ("running", "waiting") or follow
     body = Markup(
         '{}<h1>Task <code>{}</code> <span id="task-status">{}</span></h1>'
         '<p>{} · {}</p><blockquote class="prompt">{}</blockquote>'
@@ -577,10 +583,16 @@ async def task_stream(
 
     async def events() -> AsyncIterator[str]:
         yield f"retry: {RETRY_MS}\n\n"
-        async for event in task_routes.follow_events(
-            handle, after=int(after) if after.isdigit() else 0
-        ):
-            yield _sse("ops", _ops_of(event, task_id, view.links.ui), event.id)
+        try:
+            async for event in task_routes.follow_events(
+                handle, after=int(after) if after.isdigit() else 0
+            ):
+                yield _sse("ops", _ops_of(event, task_id, view.links.ui), event.id)
+        except RPCError:  # Temporal no longer has its history: the page without follow has
+            gone = Markup('<p class="error">Its events are gone; {}.</p>').format(
+                link(f"/tasks/{task_id}", "see its record")
+            )
+            yield _sse("ops", [_op("result", gone)])
         yield _sse("end", {})
 
     return StreamingResponse(
