@@ -141,8 +141,11 @@ async def test_the_views_show_the_network(
             },
         )
         assert asked.status_code == 303
-        task_path = asked.headers["location"]
+        task_path, follow = asked.headers["location"].split("?")
+        assert follow == "follow=1"  # its page fills in from the task's events
         task_id = task_path.rsplit("/", 1)[1]
+        followed = await http.get(f"{task_path}?follow=1")
+        assert f'data-stream="{task_path}/stream"' in followed.text
 
         async def done() -> bool:
             resp = await http.get(task_path)
@@ -168,5 +171,15 @@ async def test_the_views_show_the_network(
 
         core = (await http.get("/knowledge")).text
         assert "Knowledge per domain" in core
+
+        async def stored() -> bool:  # the domain's KnowledgeWorkflow consolidates it
+            return "soft boiled egg" in (await http.get("/knowledge?domain=cooking")).text
+
+        await wait_for(stored, timeout=30, every=0.5)
+        found = (await http.get("/knowledge?q=how+long+to+boil+an+egg")).text
+        item = re.search(r'href="(/knowledge/[^"]+)"', found)
+        assert item, found
+        provenance = (await http.get(item.group(1))).text
+        assert "Provenance" in provenance and task_id.removeprefix("task-")[:12] in provenance
         economy = await http.get("/economy")
         assert economy.status_code == 200 and "Treasury balance" in economy.text

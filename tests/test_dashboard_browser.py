@@ -224,6 +224,15 @@ def test_screenshots_of_the_four_views(network: Network, browser: Browser) -> No
             shot = network.shots / f"{view}-{width}x{height}.png"
             page.screenshot(path=str(shot), full_page=True)
             written.append(shot)
+        # Beyond the four views: a search in the Mother Core and the task's own page.
+        for name, path in (
+            ("mother-core-search", "/knowledge?q=retry+policy"),
+            ("task", f"/tasks/{network.task_id}"),
+        ):
+            page.goto(f"{network.base}{path}")
+            shot = network.shots / f"{name}-{width}x{height}.png"
+            page.screenshot(path=str(shot), full_page=True)
+            written.append(shot)
         context.close()
     print(f"\nscreenshots: {network.shots}")
     assert all(s.stat().st_size > 5000 for s in written)

@@ -15,7 +15,7 @@ from markupsafe import Markup, escape
 from api.dashboard.session import CSRF_FIELD, Viewer
 from xpando.auth.keys import Scope
 
-ASSET_VERSION = "1"  # bump when dash.js or dash.css change: browsers cache them
+ASSET_VERSION = "2"  # bump when dash.js or dash.css change: browsers cache them
 NAV = (
     ("network", "/", "Network", Scope.NODES_READ),
     ("tasks", "/tasks", "Tasks", Scope.TASKS_READ),
@@ -191,7 +191,7 @@ def chart(
         f"latest {fmt.format(latest)}, max {fmt.format(max(known))}" if known else "no data yet"
     )
     return Markup(
-        '<figure class="chart {}"><figcaption>{} <span class="dim">{}</span></figcaption>'
+        '<figure class="chart {}"><figcaption>{} <small class="dim">{}</small></figcaption>'
         '<svg viewBox="0 0 {} {}" preserveAspectRatio="none" role="img" aria-label="{}: {}">'
         '<line class="base" x1="0" y1="{}" x2="{}" y2="{}"/>{}</svg>'
         '<div class="axis"><span>{}</span><span>{}</span></div></figure>'

@@ -29,7 +29,7 @@ from api.routes import tasks as task_routes
 from api.schemas import NodeView, TaskStatus, TaskSummary
 from xpando.auth.keys import Scope
 from xpando.chain import ChainError, ChainHandle
-from xpando.contracts import BreakerView, KnowledgeStats
+from xpando.contracts import KnowledgeStats
 from xpando.db import SessionFactory, activity
 from xpando.settings import Settings
 from xpando.temporal import NodeLiveness
@@ -132,11 +132,19 @@ async def counters(ctx: Ctx) -> Markup:
 # --- network -------------------------------------------------------------------------------------
 
 
-def breaker(view: BreakerView | None) -> Markup:
-    state = view.state.value if view is not None else "closed"
-    tone = {"closed": "ok", "open": "bad", "half_open": "warn"}.get(state, "info")
-    title = view.last_error or "" if view is not None else ""
-    return Markup('<span title="{}">{}</span>').format(title, badge(state.replace("_", "-"), tone))
+def breakers(node: NodeView) -> Markup:
+    """The node's own breaker and its provider's in its region, named when not closed."""
+    shown = []
+    for who, view in (("node", node.breaker), ("provider", node.provider_breaker)):
+        if view is not None and view.state.value != "closed":
+            tone = "bad" if view.state.value == "open" else "warn"
+            text = f"{who} {view.state.value.replace('_', '-')}"
+            shown.append(
+                Markup('<span title="{}">{}</span>').format(
+                    view.last_error or "", badge(text, tone)
+                )
+            )
+    return join(shown) if shown else badge("closed", "ok")
 
 
 async def network(ctx: Ctx) -> Markup:
@@ -170,7 +178,7 @@ async def network(ctx: Ctx) -> Markup:
                     "yes" if n.live else "no",
                     badge("live", "ok") if n.live else badge("not live", "bad"),
                 ),
-                join([breaker(n.breaker), " ", breaker(n.provider_breaker)]),
+                breakers(n),
                 f"{n.provider} / {n.model}",
                 ", ".join(d.name for d in n.domains),
                 Markup("{} <span class=dim>({})</span>").format(num(n.reputation), n.contributions),
@@ -224,7 +232,16 @@ async def charts(ctx: Ctx) -> Markup:
 
 
 def status_badge(status: str) -> Markup:
-    tone = {"completed": "ok", "failed": "bad", "cancelled": "bad", "running": "info"}
+    tone = {
+        "completed": "ok",
+        "ok": "ok",
+        "confirmed": "ok",
+        "finalized": "ok",
+        "failed": "bad",
+        "cancelled": "bad",
+        "carried_over": "warn",
+        "running": "info",
+    }
     return badge(status, tone.get(status, "warn"))
 
 

@@ -35,7 +35,7 @@ from api.schemas import ID_PATTERN, NODE_ID_PATTERN, Links, TaskCreate, TaskView
 from workflows.task import TaskWorkflow
 from xpando.auth.keys import Scope
 from xpando.contracts import AggregationStrategy, Contribution, RoutingReport, TaskEvent
-from xpando.db import ledger
+from xpando.db import activity, ledger
 from xpando.logs import get_logger
 
 log = get_logger(__name__)
@@ -212,10 +212,7 @@ async def node_page(
         ("status", node.status),
         ("live", badge("live", "ok") if node.live else badge("not live", "bad")),
         ("provider / model", f"{node.provider} / {node.model}"),
-        (
-            "breakers",
-            join([parts.breaker(node.breaker), " ", parts.breaker(node.provider_breaker)]),
-        ),
+        ("breakers", parts.breakers(node)),
         ("reputation", f"{num(node.reputation)} over {node.contributions} contributions"),
         ("capacity", str(node.capacity)),
         (
@@ -293,7 +290,7 @@ def _task_form(viewer: Viewer) -> Markup:
         '<label class="wide">Question <textarea name="prompt" rows="3" required maxlength="8000" '
         'placeholder="How do I set a retry policy on an activity?"></textarea></label>'
         '<label>Experts (k) <input type="number" name="k" min="1" max="9" '
-        'placeholder="default"></label><label>Strategy <select name="strategy">'
+        'placeholder="default" class="k"></label><label>Strategy <select name="strategy">'
         '<option value="">default</option>{}</select></label>'
         '<label>Regions <input name="regions" placeholder="any, or eu-west, us-east"></label>'
         '<label>Domain <input name="domain" placeholder="any"></label>'
@@ -636,9 +633,29 @@ async def knowledge_page(
             )
             or Markup('<p class="dim">Nothing similar is stored.</p>'),
         )
+    elif domain:
+        async with ctx.sessions() as db:
+            items = await activity.recent_knowledge(session=db, domain=domain)
+        results = Markup("<h2>Latest in {}</h2>{}").format(
+            domain,
+            table(
+                ["question", "confidence", "support", "uses", "updated"],
+                [
+                    [
+                        link(f"/knowledge/{k.knowledge_id}", k.question),
+                        pct(k.confidence),
+                        str(k.support),
+                        str(k.uses),
+                        when(k.updated_at),
+                    ]
+                    for k in items
+                ],
+                "No active item in this domain.",
+            ),
+        )
     search = Markup(
         '<form class="filters" method="get" action="/knowledge">'
-        '<input type="search" name="q" value="{}" placeholder="Search the Mother Core" required>'
+        '<input type="search" name="q" value="{}" placeholder="Search the Mother Core">'
         '<input name="domain" value="{}" placeholder="any domain" pattern="[a-z0-9-]*">'
         "<button>Search</button></form>"
     ).format(q, domain)

@@ -210,6 +210,22 @@ async def knowledge_by_domain(*, session: AsyncSession) -> list[DomainKnowledge]
     return sorted(found.values(), key=lambda d: d.domain)
 
 
+async def recent_knowledge(
+    *, session: AsyncSession, domain: str, limit: int = 20
+) -> list[Knowledge]:
+    """A domain's active items, most recently updated first ("general": items without one)."""
+    named = (
+        col(Knowledge.domain).is_(None) if domain == "general" else col(Knowledge.domain) == domain
+    )
+    rows = await session.exec(
+        select(Knowledge)
+        .where(named, Knowledge.status == "active")
+        .order_by(col(Knowledge.updated_at).desc())
+        .limit(limit)
+    )
+    return list(rows.all())
+
+
 async def list_epochs(*, session: AsyncSession, limit: int = 20) -> list[PayoutEpoch]:
     """Closed epochs, newest first."""
     rows = await session.exec(
