@@ -37,6 +37,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         try:
             yield
         finally:
+            await dashboard.aclose(app)
             await app.state.limiter.aclose()
             await engine.dispose()
 

@@ -8,6 +8,7 @@ from pathlib import Path
 from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
 
+from api.dashboard.parts import close_chain
 from api.dashboard.routes import router
 
 STATIC = Path(__file__).parent / "static"
@@ -16,3 +17,8 @@ STATIC = Path(__file__).parent / "static"
 def install(app: FastAPI) -> None:
     app.include_router(router)
     app.mount("/static", StaticFiles(directory=STATIC), name="dashboard-static")
+
+
+async def aclose(app: FastAPI) -> None:
+    """Close what the pages opened on first use (the chain the economy view reads)."""
+    await close_chain(app.state)

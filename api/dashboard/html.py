@@ -35,9 +35,10 @@ def page(
     viewer: Viewer | None,
     active: str = "",
     live: str = "",
+    stream: str = "",
 ) -> str:
-    """A whole page. ``live``: the query string of the page's ``/live`` stream (its parts
-    update without a reload; empty: none)."""
+    """A whole page. ``live``: the URL of the page's ``/live`` stream (its parts update without
+    a reload; empty: none); ``stream``: another event stream the page follows (a task's)."""
     nav = join(
         Markup('<a href="{}"{}>{}</a>').format(
             href, Markup(' aria-current="page"') if name == active else "", label
@@ -58,9 +59,9 @@ def page(
             "<title>{} · xpando</title>"
             '<link rel="stylesheet" href="/static/dash.css?v={}">'
             '<script src="/static/dash.js?v={}" defer></script></head>'
-            '<body data-live="{}"><header><a class="brand" href="/">xpando</a>'
+            '<body data-live="{}" data-stream="{}"><header><a class="brand" href="/">xpando</a>'
             "<nav>{}</nav>{}</header><main>{}</main></body></html>"
-        ).format(title, ASSET_VERSION, ASSET_VERSION, live, nav, who, body)
+        ).format(title, ASSET_VERSION, ASSET_VERSION, live, stream, nav, who, body)
     )
 
 

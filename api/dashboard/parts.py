@@ -12,7 +12,7 @@ from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Literal, cast
+from typing import Any, Literal, cast
 
 from fastapi import Request
 from markupsafe import Markup
@@ -310,6 +310,12 @@ async def knowledge(ctx: Ctx) -> Markup:
 
 
 # --- economy -------------------------------------------------------------------------------------
+
+
+async def close_chain(state: Any) -> None:
+    handle = getattr(state, "dashboard_chain", None)
+    if isinstance(handle, ChainHandle):
+        await handle.close()
 
 
 async def treasury(ctx: Ctx) -> str:

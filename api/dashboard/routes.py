@@ -95,10 +95,13 @@ def _page(
 ) -> HTMLResponse:
     query = urlencode({k: v for k, v in (live or {}).items() if v})
     text = html.page(
-        title, body, viewer=viewer, active=active, live=f"/live?{query}" if live else ""
+        title,
+        body,
+        viewer=viewer,
+        active=active,
+        live=f"/live?{query}" if live else "",
+        stream=stream,
     )
-    if stream:
-        text = text.replace("<body ", f'<body data-stream="{stream}" ', 1)
     return HTMLResponse(text, headers={"Cache-Control": "no-store"})
 
 
@@ -119,7 +122,9 @@ def _counters(ctx: Ctx) -> Coroutine[Any, Any, Markup]:
 
 def _safe_next(target: str) -> str:
     """Only a path of this site (no ``//host``, no scheme)."""
-    if target.startswith("/") and not target.startswith("//") and "\\" not in target:
+    # Browsers drop tabs and newlines from a URL ("/\t/host" is "//host"): none are allowed.
+    plain = all(c > " " and c != "\\" for c in target)
+    if target.startswith("/") and not target.startswith("//") and plain:
         return target
     return "/"
 
