@@ -148,6 +148,8 @@ def test_sign_in_through_the_printed_link(network: Network, operator: Page) -> N
     session = cookies["xpando_session"]
     assert session["httpOnly"] and session["sameSite"] == "Strict"
     assert page.evaluate("document.cookie") == ""
+    # No process logged it on the way in: it is in the banner's two lines only.
+    assert network.log.read_text().count(network.key) == 2
     for node_id in ("node-1", "node-2"):
         expect(page.locator(f'[data-node="{node_id}"]')).to_have_attribute("data-live", "yes")
 
