@@ -7,15 +7,19 @@ from __future__ import annotations
 import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import httpx
+from sqlalchemy.ext.asyncio import AsyncEngine
 from temporalio.client import Client
 
 from api.main import create_app
 from tests.conftest import issue_key, offline_network, wait_for
 from xpando.auth.keys import Scope
-from xpando.db import SessionFactory
+from xpando.db import SessionFactory, activity, session_factory
+from xpando.db.ledger_models import Accrual, Payout
+from xpando.db.models import Contribution, Knowledge, Task
 from xpando.settings import Settings
 
 
@@ -184,3 +188,85 @@ async def test_the_views_show_the_network(
         assert "Provenance" in provenance and task_id.removeprefix("task-")[:12] in provenance
         economy = await http.get("/economy")
         assert economy.status_code == 200 and "Treasury balance" in economy.text
+
+
+async def test_the_figures_on_sqlite_and_postgresql(any_engine: AsyncEngine) -> None:
+    """What the charts, the Mother Core and the earnings columns read, on both databases."""
+    now = datetime(2026, 6, 1, 12, 30, 10, tzinfo=UTC)
+    sessions = session_factory(any_engine)
+    async with sessions() as session:
+        for i, (domain, asked, latency_s) in enumerate(
+            [("cooking", 2, 1.0), ("cooking", 0, 0.2), ("cooking", 2, 3.0), (None, 1, 2.0)]
+        ):
+            done = now - timedelta(minutes=i)
+            session.add(
+                Task(
+                    task_id=f"t{i}",
+                    prompt="q",
+                    domain=domain,
+                    status="completed",
+                    created_at=done,
+                    completed_at=done,
+                    submitted_at=done - timedelta(seconds=latency_s),
+                )
+            )
+            await session.flush()  # the task's row before its contributions
+            for n in range(asked):
+                session.add(
+                    Contribution(
+                        task_id=f"t{i}",
+                        node_id=f"n{n}",
+                        region="eu-west",
+                        provider="openai",
+                        model="m",
+                        status="ok",
+                        cost_usd=0.25,
+                        created_at=done,
+                    )
+                )
+        session.add(
+            Knowledge(
+                knowledge_id="k1",
+                task_id="t0",
+                question="q",
+                answer="a",
+                domain="cooking",
+                uses=1,
+                created_at=now,
+                updated_at=now,
+            )
+        )
+        for payout_id, node_id, amount, status in (
+            ("p1", "n0", 700, "confirmed"),
+            ("p2", "n1", 300, "failed"),
+        ):
+            session.add(
+                Payout(
+                    payout_id=payout_id,
+                    epoch=1,
+                    node_id=node_id,
+                    amount=amount,
+                    status=status,
+                    created_at=now,
+                    updated_at=now,
+                )
+            )
+        session.add(Accrual(task_id="t2", node_id="n1", earned_at=now))
+        await session.commit()
+
+        seen = await activity.activity(session=session, now=now)
+        assert [m.tasks for m in seen.minutes[-4:]] == [1, 1, 1, 1]
+        assert seen.minutes[-1].p50_ms == 1000 and seen.minutes[-2].p50_ms == 200
+        assert seen.hours[-1].completed == 4 and seen.hours[-1].reused == 1
+        assert seen.hours[-1].cost_usd == 1.25 and seen.hours[-1].reuse_rate == 0.25
+        domains = {d.domain: d for d in await activity.knowledge_by_domain(session=session)}
+        cooking = domains["cooking"]
+        assert (cooking.items, cooking.uses, cooking.completed, cooking.reused) == (1, 1, 3, 1)
+        assert cooking.calls_saved == 2.0  # the other cooking tasks asked 2 experts each
+        assert domains["general"].completed == 1 and domains["general"].items == 0
+        earned = await activity.earnings_by_node(session=session)
+        assert earned["n0"].paid == 700 and earned["n1"] == activity.NodeEarnings(0, 1)
+        latest = await activity.recent_knowledge(session=session, domain="cooking")
+        assert [k.knowledge_id for k in latest] == ["k1"]
+        figures = await activity.counters(session=session, now=now)
+        assert figures.completed_last_hour == 4 and figures.knowledge_items == 1
