@@ -408,23 +408,30 @@ async def node_contributions(ctx: Ctx) -> Markup:
     )
 
 
-Part = Callable[[Ctx], Awaitable[Markup]]
+@dataclass(frozen=True)
+class Part:
+    render: Callable[[Ctx], Awaitable[Markup]]
+    scope: Scope | None  # what the viewer's key must hold to see it
+    every_s: float  # how often a stream renders it again
+
+    def shown_to(self, viewer: Viewer) -> bool:
+        return self.scope is None or viewer.allows(self.scope)
+
 
 # A stream renders a part first this long after the page did (the page shows it fresh).
 PARTS_FIRST_DELAY_S = 1.0
-# name: (render, scope it needs, seconds between renders in a stream)
-PARTS: dict[str, tuple[Part, Scope | None, float]] = {
-    "counters": (counters, None, 2),
-    "network": (network, Scope.NODES_READ, 2),
-    "charts": (charts, Scope.TASKS_READ, 10),
-    "tasks": (tasks, Scope.TASKS_READ, 2),
-    "knowledge": (knowledge, Scope.KNOWLEDGE_READ, 10),
-    "epochs": (epochs, Scope.PAYOUTS_READ, 2),
-    "node": (node_contributions, Scope.NODES_READ, 5),
+PARTS = {
+    "counters": Part(counters, None, 2),
+    "network": Part(network, Scope.NODES_READ, 2),
+    "charts": Part(charts, Scope.TASKS_READ, 10),
+    "tasks": Part(tasks, Scope.TASKS_READ, 2),
+    "knowledge": Part(knowledge, Scope.KNOWLEDGE_READ, 10),
+    "epochs": Part(epochs, Scope.PAYOUTS_READ, 2),
+    "node": Part(node_contributions, Scope.NODES_READ, 5),
 }
 
 
 async def render(name: str, ctx: Ctx) -> Markup:
     """A part as a page shows it: its fragment inside the element ``/live`` updates."""
-    fragment = await PARTS[name][0](ctx)
+    fragment = await PARTS[name].render(ctx)
     return Markup('<div id="part-{}" data-part="{}">{}</div>').format(name, name, fragment)

@@ -772,9 +772,7 @@ async def live(
     wanted = [
         name
         for name in dict.fromkeys(parts_.split(","))
-        if name in parts.PARTS
-        and (parts.PARTS[name][1] is None or viewer.allows(parts.PARTS[name][1]))  # type: ignore[arg-type]
-        and (name != "node" or node)
+        if name in parts.PARTS and parts.PARTS[name].shown_to(viewer) and (name != "node" or node)
     ]
     ctx = Ctx(
         request=request,
@@ -801,9 +799,9 @@ async def live(
             for name in wanted:
                 if now < due[name]:
                     continue
-                due[name] = now + parts.PARTS[name][2]
+                due[name] = now + parts.PARTS[name].every_s
                 try:
-                    fragment = str(await parts.PARTS[name][0](ctx))
+                    fragment = str(await parts.PARTS[name].render(ctx))
                 except Exception as err:  # one part failing leaves the others live
                     log.warning("dashboard part failed", part=name, error=repr(err))
                     continue
