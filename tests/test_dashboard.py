@@ -114,9 +114,16 @@ async def test_a_key_without_the_scope_gets_a_403_page_not_data(settings: Settin
             assert resp.headers["content-type"].startswith("text/html")
             assert "403 Forbidden" in resp.text and scope in resp.text
             assert "data-part" not in resp.text  # no view was rendered
-        # The streams do not hand out what the pages refuse.
+        assert "/economy" not in resp.text  # the menu offers no view the key cannot see
         resp = await http.post("/tasks", data={"csrf": "whatever", "prompt": "hi"})
         assert resp.status_code == 403
+    # A key that may see some views lands on the first of them, and is refused the others.
+    async with browser(settings, Scope.PAYOUTS_READ) as (http, key):
+        assert (await sign_in(http, key)).headers["location"] == "/"
+        home = await http.get("/")
+        assert home.status_code == 303 and home.headers["location"] == "/economy"
+        assert (await http.get("/economy")).status_code == 200
+        assert (await http.get("/tasks")).status_code == 403
 
 
 async def test_the_views_show_the_network(

@@ -185,7 +185,12 @@ async def signout(request: Request) -> Response:
 
 @router.get("/")
 async def network_page(request: Request) -> Response:
-    viewer = await session.viewer(request, Scope.NODES_READ)
+    viewer = await session.viewer(request)
+    if not viewer.allows(Scope.NODES_READ):  # the first view the key may see, if any
+        href = next((href for _, href, _, scope in html.NAV if viewer.allows(scope)), None)
+        if href is None:
+            raise Forbidden(viewer.principal, Scope.NODES_READ)
+        return RedirectResponse(href, status_code=303)
     ctx = Ctx(request=request, viewer=viewer)
     shown = ["counters", "network"]
     charts = Markup("")
