@@ -476,15 +476,11 @@ def _op(target: str, content: Markup, mode: str = "replace") -> dict[str, str]:
 
 def _ops_of(event: TaskEvent, task_id: str, ui: str) -> list[dict[str, str]]:
     if event.stage is not None and event.type.value == "stage":
-        return [
-            _op(
-                "stages",
-                Markup("<li>{} {}</li>").format(
-                    event.stage.value.replace("_", " "), when(event.at)
-                ),
-                "append",
-            )
-        ]
+        stage = Markup("<li>{} {}</li>").format(event.stage.value.replace("_", " "), when(event.at))
+        ops = [_op("stages", stage, "append")]
+        if event.routing is not None:  # the experts were chosen: why, with every score term
+            ops.append(_op("routing", _routing(event.routing)))
+        return ops
     if event.contribution is not None:
         return [_op("contributions", _contribution(event.contribution), "append")]
     if event.result is not None:
@@ -555,7 +551,7 @@ async def task_page(
         "" if running else Markup("<li>{}</li>").format(view.stage or view.status),
         Markup('<p class="dim">Waiting for the experts…</p>') if running else _answer(view),
         "" if running else join(_contribution(c) for c in view.contributions),
-        Markup('<p class="dim">Shown when the task completes.</p>')
+        Markup('<p class="dim">Shown once the experts are chosen.</p>')
         if running
         else _routing(view.routing),
     )
