@@ -130,8 +130,7 @@ def _safe_next(target: str) -> str:
 
 
 def _signin_page(request: Request, next_path: str, error: str = "", status: int = 200) -> Response:
-    response = HTMLResponse("", status_code=status, headers={"Cache-Control": "no-store"})
-    token = session.signin_token(request, response)
+    token = session.signin_token(request)
     message = Markup('<p class="error">{}</p>').format(error) if error else Markup("")
     body = Markup(
         '<section class="signin"><h1>Sign in</h1>{}'
@@ -143,8 +142,12 @@ def _signin_page(request: Request, next_path: str, error: str = "", status: int 
         "create</code>. <code>xpando dev</code> prints a link that signs its operator in.</p>"
         "</section>"
     ).format(message, CSRF_FIELD, token, next_path)
-    response.body = response.render(html.page("Sign in", body, viewer=None))
-    response.headers["content-length"] = str(len(response.body))
+    response = HTMLResponse(
+        html.page("Sign in", body, viewer=None),
+        status_code=status,
+        headers={"Cache-Control": "no-store"},
+    )
+    session.keep_signin_token(request, response, token)
     return response
 
 

@@ -90,9 +90,12 @@ def clear_session(response: Response) -> None:
     response.delete_cookie(SESSION_COOKIE, path="/", httponly=True, samesite="strict")
 
 
-def signin_token(request: Request, response: Response) -> str:
-    """The sign-in form's token, set in its cookie (kept if the browser already has one)."""
-    token = request.cookies.get(SIGNIN_COOKIE) or secrets.token_urlsafe(24)
+def signin_token(request: Request) -> str:
+    """The sign-in form's token: the browser's own if it has one (see :func:`keep_signin_token`)."""
+    return request.cookies.get(SIGNIN_COOKIE) or secrets.token_urlsafe(24)
+
+
+def keep_signin_token(request: Request, response: Response, token: str) -> None:
     response.set_cookie(
         SIGNIN_COOKIE,
         token,
@@ -102,7 +105,6 @@ def signin_token(request: Request, response: Response) -> str:
         path="/signin",
         max_age=3600,
     )
-    return token
 
 
 def check_signin_token(request: Request, sent: str) -> None:
