@@ -7,7 +7,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from api import errors
+from api import dashboard, errors
 from api.deps import BodyLimit
 from api.routes import codec, health, keys, knowledge, metrics, nodes, payouts, tasks
 from workers.wiring import build_knowledge_index, build_liveness, build_registry
@@ -37,6 +37,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         try:
             yield
         finally:
+            await dashboard.aclose(app)
             await app.state.limiter.aclose()
             await engine.dispose()
 
@@ -60,4 +61,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(keys.router)
     app.include_router(metrics.router)
     app.include_router(codec.router)
+    dashboard.install(app)
     return app

@@ -204,6 +204,24 @@ def dev_node_specs(settings: Settings) -> list[tuple[str, str, str]]:
     ]
 
 
+# Providers `xpando dev` gives a node of their own when their key is in the environment.
+DEV_PROVIDERS = ("openai", "anthropic", "gemini")
+
+
+def dev_provider_nodes(settings: Settings) -> list[tuple[str, str, str]]:
+    """(node_id, region, provider) of a node per provider whose key is set (OPENAI_API_KEY,
+    ANTHROPIC_API_KEY, GEMINI_API_KEY or GOOGLE_API_KEY): none without keys, so the network is
+    the offline one. The key reaches the node through its environment only."""
+    keys = {
+        "openai": settings.openai_api_key,
+        "anthropic": settings.anthropic_api_key,
+        "gemini": settings.gemini_api_key,
+    }
+    regions = settings.dev_regions or ["local"]
+    chosen = [p for p in DEV_PROVIDERS if (key := keys[p]) is not None and key.get_secret_value()]
+    return [(f"{p}-1", regions[i % len(regions)], p) for i, p in enumerate(chosen)]
+
+
 class Supervisor:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -313,6 +331,11 @@ class Supervisor:
                     self._metrics_env(1 + i),
                 )
             )
+        first = 1 + len(dev_node_specs(s))
+        for i, (node_id, region, provider) in enumerate(dev_provider_nodes(s)):
+            argv = [python, "-m", "cli", "worker", "node", "--node-id", node_id]
+            argv += ["--region", region, "--provider", provider]
+            self._spawn(Child(node_id, argv, self._metrics_env(first + i)))
         self._spawn(Child("api", [python, "-m", "cli", "api"], env))
 
     def _check_alive(self) -> None:
@@ -394,13 +417,16 @@ class Supervisor:
         auth = {"Authorization": f"Bearer {self.api_key}"}
         nodes = httpx.get(f"{base}/v1/nodes", headers=auth, timeout=5.0).json().get("nodes", [])
         wanted = {node_id for node_id, _, _ in dev_node_specs(self.settings)}
+        wanted |= {node_id for node_id, _, _ in dev_provider_nodes(self.settings)}
         live = {n["node_id"] for n in nodes if n.get("live")}
         self._not_ready = f"nodes not live yet: {', '.join(sorted(wanted - live))}"
         return wanted <= live
 
     def banner(self) -> str:
         s = self.settings
-        nodes = ", ".join(f"{n} ({r}, {d})" for n, r, d in dev_node_specs(s))
+        nodes = ", ".join(
+            f"{n} ({r}, {d})" for n, r, d in dev_node_specs(s) + dev_provider_nodes(s)
+        )
         key_file = dev_key_path(s.data_dir).resolve()
         return "\n".join(
             [
@@ -408,6 +434,10 @@ class Supervisor:
                 "xpando is ready",
                 f"  API            http://{s.api_host}:{s.api_port}   (docs: /docs)",
                 f"  API key        {self.api_key}   (admin; also in {key_file})",
+                # The key rides in the fragment, which the browser keeps to itself: no server
+                # or proxy log sees it.
+                f"  Dashboard      http://{s.api_host}:{s.api_port}/signin#key={self.api_key}"
+                "   (signs you in)",
                 f"  Temporal UI    {s.temporal_ui_base}",
                 f"  Temporal gRPC  {s.temporal_target}  namespace {s.temporal_namespace}",
                 f"  nodes          {nodes}",

@@ -71,6 +71,9 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message}; see '{self.prog} --help'\n")
 
 
+API_STOP_GRACE_S = 5  # seconds a stopping API gives open streams before closing them
+
+
 def _parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog="xpando",
@@ -376,6 +379,9 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
             port=settings.api_port,
             log_config=None,
             access_log=True,
+            # Open event streams (a dashboard tab's /live, a task's /events) would otherwise
+            # hold a stop until the browser lets go; EventSource reconnects to the next process.
+            timeout_graceful_shutdown=API_STOP_GRACE_S,
         )
         return 0
     if args.command == "db":

@@ -20,6 +20,16 @@ import httpx
 from tests.conftest import free_port
 
 READY_S = 120
+# Provider keys `xpando dev` would start a node for (cli/dev.py, dev_provider_nodes).
+OFFLINE_ONLY = (
+    "OPENAI_API_KEY",
+    "XPANDO_OPENAI_API_KEY",
+    "ANTHROPIC_API_KEY",
+    "XPANDO_ANTHROPIC_API_KEY",
+    "GEMINI_API_KEY",
+    "GOOGLE_API_KEY",
+    "XPANDO_GEMINI_API_KEY",
+)
 
 
 def _children(pid: int) -> set[int]:
@@ -123,16 +133,19 @@ def test_make_run_network_end_to_end(tmp_path: Path) -> None:
     }
     env.pop("XPANDO_DATABASE_URL", None)
     env.pop("XPANDO_TEMPORAL_ADDRESS", None)
+    for name in OFFLINE_ONLY:  # without provider keys: the offline network, as in CI
+        env.pop(name, None)
 
     with dev_network(data_dir, env) as (proc, base):
         spawned = _children(proc.pid)
-        # The first start made an admin key, readable by its owner only, and printed it once
-        # (in the banner, never in a log line).
+        # The first start made an admin key, readable by its owner only, and printed it in the
+        # banner only (its line and the dashboard's sign-in link), never in a log line.
         key_file = data_dir / "dev-api-key"
         assert key_file.stat().st_mode & 0o777 == 0o600
         key = key_file.read_text().strip()
         output = (data_dir.parent / "dev.log").read_text()
-        assert output.count(key) == 1 and f"API key        {key}" in output
+        assert output.count(key) == 2 and f"API key        {key}" in output
+        assert f"{base}/signin#key={key}" in output
         auth = _auth(data_dir)
         refused = httpx.get(f"{base}/v1/nodes")
         assert refused.status_code == 401 and refused.json()["error"]["code"] == "unauthenticated"

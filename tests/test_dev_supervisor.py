@@ -335,3 +335,31 @@ def test_dev_server_gets_only_the_otlp_exporter(
     env, dropped = dev_server_env(given)
     assert env == passed
     assert dropped == {k: v for k, v in given.items() if passed.get(k) != v}
+
+
+def test_provider_keys_add_one_node_per_provider(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`make run` with provider keys starts a node for each; without, the offline network."""
+    from pydantic import SecretStr
+
+    from cli.dev import dev_node_specs, dev_provider_nodes
+    from tests.test_dev_e2e import OFFLINE_ONLY
+    from xpando.settings import Settings
+
+    for name in OFFLINE_ONLY:
+        monkeypatch.delenv(name, raising=False)
+
+    offline = Settings(_env_file=None, data_dir=tmp_path, dev_regions=["eu-west", "us-east"])
+    assert dev_provider_nodes(offline) == [] and len(dev_node_specs(offline)) == 4
+    keyed = Settings(
+        _env_file=None,
+        data_dir=tmp_path,
+        dev_regions=["eu-west", "us-east"],
+        openai_api_key=SecretStr("sk-test"),
+        gemini_api_key=SecretStr("g-test"),
+    )
+    assert dev_provider_nodes(keyed) == [
+        ("openai-1", "eu-west", "openai"),
+        ("gemini-1", "us-east", "gemini"),
+    ]

@@ -119,7 +119,7 @@ class TaskWorkflow:
         assert route is not None  # plan_route routes whenever stored knowledge does not answer
         self._list_route(route)
 
-        self._set_stage(TaskStage.ANSWERING)
+        self._set_stage(TaskStage.ANSWERING, route)  # announced with the routing decision
         contributions = await self._fan_out(input, plan, route)
         if _confirming(input, plan) and not any(
             c.status == ContributionStatus.OK for c in contributions
@@ -462,12 +462,12 @@ class TaskWorkflow:
             error=contribution.error,
         )
 
-    def _set_stage(self, stage: TaskStage) -> None:
+    def _set_stage(self, stage: TaskStage, route: RouteResult | None = None) -> None:
         """The stage the progress query shows, announced in the event log the first time the
         task enters it (waiting for experts goes back and forth to planning); XpandoStatus
         (and, once the task is over, its final XpandoDomain) upserted only when they change."""
         self._stage = stage
-        self._log.stage(stage)
+        self._log.stage(stage, route.report if route is not None else None)
         status = {
             TaskStage.COMPLETED: "completed",
             TaskStage.FAILED: "failed",

@@ -1,12 +1,12 @@
 """TaskLog: a task's event log, what ``GET /v1/tasks/{id}/events`` streams.
 
-TaskWorkflow's record of its own story, read with its ``events`` query: each stage it enters,
-each contribution as an expert's ask ends, then its result or the error that ended it. It lives
-in the workflow's memory (a deterministic function of its history, so a replay rebuilds it) and
-in no history event of its own. Event ids are positions, 1, 2, 3, …: a follower resumes after
-the last id it has. The log stays small: a stage is announced once (waiting for experts goes
-back and forth to planning), each ask once (a task asks a bounded number of experts and
-standbys), then one last event.
+TaskWorkflow's record of its own story, read with its ``events`` query: each stage it enters
+(answering with the routing decision that chose its experts), each contribution as an expert's
+ask ends, then its result or the error that ended it. It lives in the workflow's memory (a
+deterministic function of its history, so a replay rebuilds it) and in no history event of its
+own. Event ids are positions, 1, 2, 3, …: a follower resumes after the last id it has. The log
+stays small: a stage is announced once (waiting for experts goes back and forth to planning),
+each ask once (a task asks a bounded number of experts and standbys), then one last event.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from temporalio.exceptions import ApplicationError
 with workflow.unsafe.imports_passed_through():
     from xpando.contracts import (
         Contribution,
+        RoutingReport,
         TaskError,
         TaskEvent,
         TaskEvents,
@@ -33,10 +34,11 @@ class TaskLog:
         self._events: list[TaskEvent] = []
         self._announced: list[TaskStage] = []
 
-    def stage(self, stage: TaskStage) -> None:
+    def stage(self, stage: TaskStage, routing: RoutingReport | None = None) -> None:
+        """``routing``: the decision that chose the experts (with the answering stage)."""
         if stage not in self._announced:
             self._announced.append(stage)
-            self._add(TaskEventType.STAGE, stage=stage)
+            self._add(TaskEventType.STAGE, stage=stage, routing=routing)
 
     def contribution(self, contribution: Contribution) -> None:
         self._add(TaskEventType.CONTRIBUTION, contribution=contribution)

@@ -259,6 +259,11 @@ class TaskEvent(Contract):
         "the event before that task was retried may have seen a slightly earlier one)"
     )
     stage: TaskStage | None = Field(None, description="stage events")
+    routing: RoutingReport | None = Field(
+        None,
+        description="the answering stage's event: the routing decision that chose the experts, "
+        "each candidate with its score terms",
+    )
     contribution: Contribution | None = Field(None, description="contribution events")
     result: TaskResult | None = Field(None, description="the result event")
     error: TaskError | None = Field(None, description="the error event")
