@@ -8,7 +8,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from api import dashboard, errors
-from api.deps import BodyLimit
+from api.deps import BodyLimit, install_security_scheme
 from api.routes import codec, health, keys, knowledge, metrics, nodes, payouts, tasks
 from workers.wiring import build_knowledge_index, build_liveness, build_registry
 from xpando import __version__, telemetry, temporal
@@ -62,4 +62,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(metrics.router)
     app.include_router(codec.router)
     dashboard.install(app)
+    install_security_scheme(app)
     return app
