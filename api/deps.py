@@ -13,6 +13,7 @@ counted right after it is checked (429 ``rate_limited``); a route that starts a 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 from collections.abc import AsyncIterator, Callable, Coroutine, Mapping, Sequence
 from typing import Annotated, Any, cast
@@ -134,17 +135,22 @@ async def _authenticate(request: Request) -> Principal:
         ) from None
 
 
-async def authorize(request: Request, scope: Scope) -> Principal:
+async def authorize(request: Request, scope: Scope, *, count: bool = True) -> Principal:
     """The caller's principal, which must hold ``scope`` (or ``admin``): 401 without a valid
-    key, 403 without the scope. Sets ``request.state.principal``."""
+    key, 403 without the scope. Sets ``request.state.principal``. The request is counted
+    against the key's requests per minute (once a request, whatever its route) unless
+    ``count`` is False: then the route's :class:`TaskLimits` counts it with the task, in one
+    call (``request.state.uncounted``)."""
     principal = getattr(request.state, "principal", None)
     if not isinstance(principal, Principal):
         principal = await _authenticate(request)
         request.state.principal = principal
-        try:  # once a request, whatever its route
-            await get_limiter(request).check_request(principal)
-        except LimitExceeded as err:
-            raise refused(principal, err) from None
+        request.state.uncounted = not count
+        if count:
+            try:
+                await get_limiter(request).check_request(principal)
+            except LimitExceeded as err:
+                raise refused(principal, err) from None
     if not principal.allows(scope):
         held = ", ".join(sorted(principal.scopes))
         raise ApiError(
@@ -172,6 +178,10 @@ def require(scope: Scope) -> Require:
     ``principal: Annotated[Principal, Depends(require(Scope.TASKS_WRITE))]``, or
     ``dependencies=[Depends(require(...))]`` when the route does not need the principal."""
     return Require(scope)
+
+
+def _depends_on(dependant: Dependant, call: Callable[..., Any]) -> bool:
+    return any(d.call is call or _depends_on(d, call) for d in dependant.dependencies)
 
 
 def required_scope(dependant: Dependant) -> Scope | None:
@@ -217,13 +227,20 @@ class AuthRoute(APIRoute):
         scope = required_scope(self.dependant)
         if scope is None:
             return handler
+        # A route that starts tasks counts the request with the task (one Redis call).
+        deferred = _depends_on(self.dependant, task_limits)
 
         async def authorized(request: Request) -> Response:
-            principal = await authorize(request, scope)
-            with structlog.contextvars.bound_contextvars(
-                principal=principal.name, key_id=principal.key_id
-            ):
-                return await handler(request)
+            principal = await authorize(request, scope, count=not deferred)
+            try:
+                with structlog.contextvars.bound_contextvars(
+                    principal=principal.name, key_id=principal.key_id
+                ):
+                    return await handler(request)
+            finally:
+                if getattr(request.state, "uncounted", False):  # it ended before the task
+                    with contextlib.suppress(LimitExceeded):
+                        await get_limiter(request).check_request(principal)
 
         return authorized
 
@@ -309,9 +326,13 @@ class TaskLimits:
         if self._principal is None:
             return
         client = get_temporal(self._request)
+        state = self._request.state
+        count_request = bool(getattr(state, "uncounted", False))
+        state.uncounted = False  # counted by admit_task, refused or not
         try:
             self.admission = await get_limiter(self._request).admit_task(
                 self._principal,
+                count_request=count_request,
                 task_id=task_id,
                 prompt=prompt,
                 k=k,

@@ -7,9 +7,9 @@ starts a Temporal dev server in this process (loopback only), a fresh database w
 ``create_app`` on the same database, dev server and Redis (default ``redis://127.0.0.1:6379/0``):
 
 - **on**, as served: the bearer key is checked (a database read the first time, then from the
-  replica's cache of checked keys, ``XPANDO_KEY_CACHE_S``), its requests per minute are counted
-  in Redis, the task's worst case is estimated from the node prices, and one Redis script counts
-  the task in its minute and holds its worst case against the key's running tasks and budget
+  replica's cache of checked keys, ``XPANDO_KEY_CACHE_S``), the task's worst case is estimated
+  from the node prices, and one Redis script counts the request and the task in their minute
+  and holds the worst case against the key's running tasks and budget
   (``xpando/auth/holds.py``; ``--no-redis``: the per-minute counters and the hold in the
   database, the hold as the task's row), then ``start_workflow``. The key's limits are high
   enough that nothing is refused: every check runs, none says no.

@@ -160,6 +160,32 @@ async def test_tasks_over_the_per_minute_limit_are_refused_by_every_instance(
         await _terminate(client, *started)
 
 
+async def test_task_submissions_count_as_requests_refused_or_not(
+    shared: Settings, sessions: SessionFactory, client: Client
+) -> None:
+    """A task submission is one of the key's requests, counted with the task (one Redis call
+    with Redis), and one that fails before its task is admitted (a bad body) counts too."""
+    key, key_id = await limited_key(sessions, Scope.TASKS_WRITE, requests_per_minute=3)
+    started: list[str] = []
+    try:
+        async with replicas(shared) as (one, two):
+            accepted = await _submit(one, key)
+            assert accepted.status_code == 202, accepted.text
+            started.append(accepted.json()["task_id"])
+            bad = await two.post("/v1/tasks", json={"prompt": ""}, headers=bearer(key))
+            assert bad.status_code == 422
+            accepted = await _submit(two, key)
+            assert accepted.status_code == 202, accepted.text
+            started.append(accepted.json()["task_id"])
+            for api in (one, two):  # the fourth request of the minute, wherever it lands
+                refused = await _submit(api, key)
+                assert refused.status_code == 429 and _code(refused) == "rate_limited"
+                assert key_id in refused.json()["error"]["message"]
+                assert 1 <= int(refused.headers["Retry-After"]) <= 60
+    finally:
+        await _terminate(client, *started)
+
+
 # --- running tasks -------------------------------------------------------------------------------
 
 

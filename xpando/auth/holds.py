@@ -52,16 +52,24 @@ end
 """
 
 
-# KEYS: holds, held_at, spent, the key's tasks-per-minute counter. ARGV: task id, estimate,
-# now (ms), concurrent limit, budget, tasks per minute (0: none, or not counted this call),
-# the counter's window (ms). Returns {verdict, running, held, spent} as strings (Lua numbers
-# would be truncated to integers on the way out): verdict is seed (no copy of the day's spend),
-# rate (over the tasks per minute: then the count and the ms left of the window), again (the
-# task holds already), refused or held. The counter is the one RedisCounter keeps for the key.
+# KEYS: holds, held_at, spent, the key's tasks-per-minute and requests-per-minute counters.
+# ARGV: task id, estimate, now (ms), concurrent limit, budget, tasks per minute, the counters'
+# window (ms), requests per minute (each limit 0: none, or not counted this call). Returns
+# {verdict, running, held, spent} as strings (Lua numbers would be truncated to integers on the
+# way out): verdict is seed (no copy of the day's spend; nothing counted), requests or rate
+# (over the requests or tasks per minute: then the count and the seconds left of the window),
+# again (the task holds already), refused or held. The counters are RedisCounter's.
 _ADMIT = (
     """
 local spent = redis.call('GET', KEYS[3])
 if not spent then return {'seed', '0', '0', '0'} end
+local requests = tonumber(ARGV[8])
+if requests > 0 then
+"""
+    + count_in_window("KEYS[5]", "ARGV[7]")
+    + """
+  if count > requests then return {'requests', tostring(count), tostring(ttl / 1000), '0'} end
+end
 local per_minute = tonumber(ARGV[6])
 if per_minute > 0 then
 """
@@ -139,14 +147,14 @@ class RedisHolds:
         concurrent: int,
         budget_usd: float,
         tasks_per_minute: int = 0,
+        requests_per_minute: int = 0,
         window_s: float = 60.0,
-        bucket: str = "",
     ) -> Verdict:
-        """Admit the task (see ``_ADMIT``); ``bucket``: the Redis key of the key's tasks per
-        minute, counted when ``tasks_per_minute`` is set (for a rate verdict, ``running`` is
-        the count and ``held_usd`` the seconds left of the window)."""
+        """Admit the task (see ``_ADMIT``), counting the request and the task in the key's
+        per-minute counters when their limits are given (for a requests or rate verdict,
+        ``running`` is the count and ``held_usd`` the seconds left of the window)."""
         found: list[Any] = await self._admit(
-            keys=[*_keys(key_id, day), bucket or f"{PREFIX}{key_id}:tasks"],
+            keys=[*_keys(key_id, day), f"{PREFIX}{key_id}:tasks", f"{PREFIX}{key_id}:requests"],
             args=[
                 task_id,
                 repr(estimate_usd),
@@ -155,6 +163,7 @@ class RedisHolds:
                 budget_usd,
                 tasks_per_minute,
                 int(window_s * 1000),
+                requests_per_minute,
             ],
         )
         verdict, running, held, spent = (v.decode() if isinstance(v, bytes) else v for v in found)

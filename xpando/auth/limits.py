@@ -36,7 +36,7 @@ from sqlalchemy import case
 from sqlalchemy.dialects import postgresql, sqlite
 
 from xpando.auth import spend
-from xpando.auth.holds import RedisHolds, count_in_window
+from xpando.auth.holds import PREFIX, RedisHolds, count_in_window
 from xpando.auth.keys import KeyLimits, Principal
 from xpando.db import SessionFactory
 from xpando.db.models import RateCounter
@@ -63,7 +63,7 @@ PRICES_KEPT = 32  # per region, the most expensive input and output prices (k is
 RECONCILE_AFTER = timedelta(seconds=30)
 RECONCILE_MAX = 64  # the oldest holds asked about at once (one describe each)
 REDIS_TIMEOUT_S = 0.5
-REDIS_PREFIX = "xpando:limit:"
+REDIS_PREFIX = PREFIX  # the per-minute counters and the holds share it
 OUTAGE_LOG_EVERY_S = 10.0
 
 
@@ -331,14 +331,11 @@ class Limiter:
 
     async def check_request(self, principal: Principal) -> None:
         limit = self.limits_for(principal).requests_per_minute or 0
-        await self._per_minute(
-            f"{principal.key_id}:requests",
-            limit,
-            RATE_LIMITED,
-            f"API key {principal.key_id} made more than {limit} requests this minute (its "
-            "requests per minute)",
-            _detail("requests_per_minute", f"{limit} requests a minute"),
-        )
+        if not limit:
+            return
+        hit = await self.counter.hit(f"{principal.key_id}:requests", limit=limit)
+        if not hit.allowed:
+            raise _requests_refused(principal, limit, hit)
 
     async def check_registration(self, address: str, limit: int) -> None:
         """A signed node registration from ``address`` (a client's address): open to anyone
@@ -383,6 +380,7 @@ class Limiter:
         regions: Sequence[str] = (),
         domain: str | None = None,
         ended: EndedCheck | None = None,
+        count_request: bool = False,
     ) -> Admission:
         """Let a task of ``principal`` start, holding its worst-case cost, or refuse it: over
         the key's tasks per minute, its running tasks, or its budget for today (what its tasks
@@ -398,10 +396,12 @@ class Limiter:
 
             try:
                 return await self._admit_in_redis(
-                    self.holds, principal, limits, task_id, estimate, ended
+                    self.holds, principal, limits, task_id, estimate, ended, count_request
                 )
             except (RedisError, OSError) as err:
                 self._outage("redis unavailable: tasks held in the database", err)
+        if count_request:
+            await self.check_request(principal)
         counted: asyncio.Future[Hit] | None = None
         if limits.tasks_per_minute:
             # Counted in Redis while the database admits the task; the database backend may
@@ -453,11 +453,12 @@ class Limiter:
         task_id: str,
         estimate: float,
         ended: EndedCheck | None,
+        count_request: bool,
     ) -> Admission:
         key_id = principal.key_id
         reconciled = False
         seeded = 0
-        count = True  # the task is counted in its minute once, whatever the tries
+        count = True
         while True:
             now = datetime.now(UTC)
             day = spend.day_of(now)
@@ -469,13 +470,16 @@ class Limiter:
                 concurrent=limits.concurrent_tasks or 0,
                 budget_usd=limits.budget_usd_per_day or 0.0,
                 tasks_per_minute=limits.tasks_per_minute or 0 if count else 0,
+                requests_per_minute=limits.requests_per_minute or 0 if count_request else 0,
                 window_s=WINDOW_S,
-                bucket=REDIS_PREFIX + f"{key_id}:tasks",
             )
-            if found.verdict == "rate":
+            if found.verdict in ("requests", "rate"):
                 hit = Hit(allowed=False, count=found.running, retry_after_s=found.held_usd)
+                if found.verdict == "requests":
+                    raise _requests_refused(principal, limits.requests_per_minute or 0, hit)
                 _tasks_per_minute(principal, limits, hit)
-            count = count and found.verdict == "seed"
+            # Counted once, whatever the tries (a seed verdict counted nothing).
+            count = count_request = count and found.verdict == "seed"
             if found.verdict == "seed" and seeded < 3:  # the day's spend, from the database
                 seeded += 1
                 async with self._sessions() as session:
@@ -550,6 +554,16 @@ class Limiter:
         await self.counter.aclose()
         if self.holds is not None:
             await self.holds.aclose()
+
+
+def _requests_refused(principal: Principal, limit: int, hit: Hit) -> LimitExceeded:
+    return LimitExceeded(
+        RATE_LIMITED,
+        f"API key {principal.key_id} made more than {limit} requests this minute (its "
+        f"requests per minute); retry in {math.ceil(hit.retry_after_s)} s",
+        retry_after_s=hit.retry_after_s,
+        details=[_detail("requests_per_minute", f"{limit} requests a minute")],
+    )
 
 
 def _tasks_per_minute(principal: Principal, limits: KeyLimits, hit: Hit) -> None:
