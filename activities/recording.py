@@ -40,6 +40,7 @@ from xpando.logs import get_logger
 from xpando.mother import aggregate
 from xpando.mother.aggregate import aggregate_with
 from xpando.providers.base import Provider
+from xpando.routing.index import RoutingIndex
 
 log = get_logger(__name__)
 
@@ -51,7 +52,9 @@ Publisher = Callable[[KnowledgeItemInput], Awaitable[object]]
 
 class RecordingActivities:
     """``aggregator``: the model that writes ``synthesize`` answers (None: extractive synthesis).
-    ``publish``: hands a task's knowledge item to its domain's KnowledgeWorkflow."""
+    ``publish``: hands a task's knowledge item to its domain's KnowledgeWorkflow.
+    ``routing``: the process's routing index, which learns each node's fit per topic from the
+    scored contributions (in the record's transaction, once per task + node)."""
 
     def __init__(
         self,
@@ -62,6 +65,7 @@ class RecordingActivities:
         aggregator: Provider | None = None,
         publish: Publisher | None = None,
         holds: RedisHolds | None = None,
+        routing: RoutingIndex | None = None,
     ) -> None:
         self._sessions = sessions
         self._holds = holds  # the API's holds in Redis, when it has them there
@@ -69,6 +73,7 @@ class RecordingActivities:
         self._reputation = reputation
         self._aggregator = aggregator
         self._publish = publish
+        self._routing = routing
         self._aggregations: OrderedDict[str, AggregateResult] = OrderedDict()
 
     @activity.defn(name="finish")
@@ -131,6 +136,15 @@ class RecordingActivities:
     async def record(self, input: RecordInput) -> RecordResult:
         """Persist the task, its contributions and its knowledge item (idempotent upserts)."""
         now = datetime.now(UTC)
+        learns = (
+            self._routing is not None
+            and input.status == TaskStage.COMPLETED
+            and bool(input.contributions)
+        )
+        # The prompt's vector (plan embedded it: usually a cache hit), before the transaction.
+        vector = (
+            await self._routing.embed_prompt(input.prompt) if self._routing and learns else None
+        )
 
         async def write() -> tuple[RecordResult, list[str], spend.Charge | None]:
             moved: list[str] = []
@@ -146,6 +160,19 @@ class RecordingActivities:
                             params=self._reputation,
                             now=now,
                             commit=False,
+                        )
+                    if self._routing is not None and vector is not None and moved:
+                        # the first contribution of a node is the one its reputation counted
+                        quality = {
+                            c.node_id: max(0.0, min(1.0, c.quality))
+                            for c in reversed(input.contributions)
+                        }
+                        await self._routing.learn(
+                            session,
+                            task_id=input.task_id,
+                            vector=vector,
+                            qualities=[(node_id, quality[node_id]) for node_id in moved],
+                            now=now,
                         )
                     if input.outcomes:
                         await self._breakers.count_outcomes(session, input.outcomes, now)

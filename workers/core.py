@@ -68,6 +68,7 @@ def build_core_worker(
         aggregator=build_aggregator(settings),
         publish=knowledge_publisher(client, queue),
         holds=holds or (RedisHolds(settings.redis_url) if settings.redis_url else None),
+        routing=parts.router.index,
     )
     registration = RegistrationActivities(registry=parts.registry, liveness=parts.liveness)
     knowledge = KnowledgeActivities(

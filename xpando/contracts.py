@@ -371,14 +371,19 @@ class RouteOutcome(StrEnum):
 
 class RouteTerms(Contract):
     """One top candidate of a routing decision and every term of its score
-    (``score = fit ** fit_power * max(reputation, floor) * health * diversity / price``)."""
+    (``score = fit ** fit_power * max(reputation, floor) * health * diversity / price``; fit and
+    reputation blend what the node declares with what it has shown: ``xpando/routing/index.py``)."""
 
     node_id: str
     region: str
     provider: str
     domain: str | None = None  # the node's domain that fits the prompt best
-    fit: float  # cosine of prompt and domain embeddings, clipped to [0, 1]; 1 for a named domain
-    reputation: float
+    # fit = declared_fit + w * (learned_fit - declared_fit), w = evidence / (evidence + kappa)
+    fit: float
+    declared_fit: float = 0.0  # cosine of prompt and domain texts in [0, 1]; 1: a named domain
+    learned_fit: float | None = None  # mean quality of its scored answers near the prompt
+    evidence: float = 0.0  # similarity-weighted count of those answers (0: none, prior only)
+    reputation: float  # in this topic: max(global, prior) blended with learned_fit like fit
     contributions: int = 0  # scored contributions behind the reputation
     health: float  # 1 healthy; halved per consecutive failure, half-open probe, load
     price: float  # the divisor: (1 + USD per 1M tokens / price_ref) ** price_weight

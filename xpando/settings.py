@@ -274,6 +274,19 @@ class Settings(BaseSettings):
     routing_explain: int = Field(
         10, ge=0, le=100, description="Skipped top candidates listed in a task's routing report"
     )
+    routing_prior_weight: float = Field(
+        2.0,
+        gt=0,
+        description="kappa: scored answers near a prompt at which learned and declared fit weigh "
+        "the same",
+    )
+    routing_equal_band: float = Field(
+        0.15,
+        ge=0,
+        lt=1,
+        description="Candidates within this share of the best score are equals: free capacity "
+        "decides among them (power of two choices)",
+    )
     reputation_prior: float = Field(
         0.5, ge=0, le=1, description="Reputation of a node with no scored contribution yet"
     )

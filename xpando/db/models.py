@@ -249,3 +249,30 @@ class RateCounter(SQLModel, table=True):
     bucket: str = Field(primary_key=True, max_length=64)
     count: int = 0
     resets_at: float = 0.0
+
+
+class Topic(SQLModel, table=True):
+    """A topic region of routing's learned fit (``xpando/routing/index.py``): the prompt vector
+    of the task that opened it. Written once, never changed: every core worker that loads the
+    topics sees the same regions."""
+
+    __tablename__ = "routing_topics"
+
+    topic_id: str = Field(primary_key=True, max_length=64)  # derived from the opening task id
+    embedder: str = Field(max_length=64)
+    vector: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
+    created_at: datetime = _ts(index=True)
+
+
+class NodeTopic(SQLModel, table=True):
+    """What a node's scored contributions in one topic region add up to: their count and the
+    sum of their quality. Moved once per task + node with the reputation event, so a retried
+    record never counts twice."""
+
+    __tablename__ = "node_topics"
+
+    node_id: str = Field(primary_key=True, max_length=64)
+    topic_id: str = Field(primary_key=True, max_length=64)
+    n: float = 0.0
+    quality_sum: float = 0.0
+    updated_at: datetime = _ts(index=True)

@@ -55,30 +55,37 @@ import random
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
+from sqlmodel.ext.asyncio.session import AsyncSession
 
 from xpando.db import SessionFactory
 from xpando.db import nodes as node_queries
+from xpando.db import topics as topic_queries
 from xpando.db.models import Node
 from xpando.db.queries import as_utc
 from xpando.embedding import Embedder
 from xpando.logs import get_logger
+from xpando.routing.learned import LearnedFit
 from xpando.settings import Settings
 
 log = get_logger(__name__)
 
 FORMULA = (
     "score = fit ** {fit_power:g} * max(reputation, {floor:g}) * health * diversity / price; "
-    "fit = max cosine(prompt, domain); price = (1 + USD/Mtok / {price_ref:g}) ** {price_weight:g}"
+    "fit = declared + w * (learned - declared), reputation = max(global, {prior:g}) + "
+    "w * (learned - max(global, {prior:g})), w = evidence / (evidence + {kappa:g}); "
+    "declared = max cosine(prompt, domain); learned = mean quality of the node's answers near "
+    "the prompt; price = (1 + USD/Mtok / {price_ref:g}) ** {price_weight:g}"
 )
 DOMAIN_KEYWORDS = 40
 REFRESH_PAGE = 5000
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 @dataclass(frozen=True)
@@ -93,6 +100,13 @@ class RoutingConfig:
     explain: int = 10
     reputation_prior: float = 0.5
     new_below: int = 5
+    prior_weight: float = 2.0
+    equal_band: float = 0.15
+    learned_low: float = 0.4
+    learned_high: float = 0.7
+    topics_near: int = 8
+    topic_join: float = 0.8
+    topics_max: int = 4096
 
     @classmethod
     def from_settings(cls, settings: Settings) -> RoutingConfig:
@@ -107,6 +121,8 @@ class RoutingConfig:
             explain=settings.routing_explain,
             reputation_prior=settings.reputation_prior,
             new_below=settings.reputation_new_below,
+            prior_weight=settings.routing_prior_weight,
+            equal_band=settings.routing_equal_band,
         )
 
     @property
@@ -116,6 +132,8 @@ class RoutingConfig:
             floor=self.reputation_floor,
             price_ref=self.price_ref,
             price_weight=self.price_weight,
+            prior=self.reputation_prior,
+            kappa=self.prior_weight,
         )
 
     def price_term(self, price_in: float | None, price_out: float | None) -> float:
@@ -285,6 +303,18 @@ async def ensure_domain_vectors(
 
 
 @dataclass(frozen=True)
+class Terms:
+    """Score terms of every node slot for one prompt."""
+
+    declared: NDArray[np.float64]
+    learned: NDArray[np.float64]
+    evidence: NDArray[np.float64]
+    fit: NDArray[np.float64]
+    reputation: NDArray[np.float64]
+    score: NDArray[np.float64]
+
+
+@dataclass(frozen=True)
 class NodeCard:
     node_id: str
     region: str
@@ -311,6 +341,9 @@ class Scored:
     explore: bool = False
     reason: str = ""
     base: float = 0.0  # the score before health (what ranking sorted by)
+    declared: float = 0.0  # fit from the node's own domains (the prior)
+    learned: float | None = None  # mean quality of its scored answers near the prompt
+    evidence: float = 0.0  # similarity-weighted count of those answers
 
     def with_health(self, health: float) -> Scored:
         """The candidate once its health is known (ranking assumed 1)."""
@@ -318,10 +351,22 @@ class Scored:
 
 
 def select(
-    ranked: Sequence[Scored], *, k: int, standbys: int, diversity: float = 0.8
+    ranked: Sequence[Scored],
+    *,
+    k: int,
+    standbys: int,
+    diversity: float = 0.8,
+    band: float = 0.0,
+    rng: random.Random | None = None,
+    free: Callable[[Scored], float] | None = None,
 ) -> tuple[list[Scored], list[Scored]]:
     """Pick ``k`` experts, greedily, each time the best ``score * diversity ** repeats`` (repeats:
-    chosen experts of the same provider plus those of the same region); then ``standbys``."""
+    chosen experts of the same provider plus those of the same region); then ``standbys``.
+
+    Equals share the work: when several candidates are within ``band`` of the best (adjusted
+    score at least ``(1 - band) * best``), two of them are drawn with ``rng`` and the one with
+    more ``free`` capacity is taken (equal capacity: the higher score, then the first drawn).
+    A clearly better candidate is alone in its band and is always taken."""
     remaining = list(ranked)
     chosen: list[Scored] = []
     providers: dict[str, int] = {}
@@ -330,15 +375,22 @@ def select(
     def repeats(s: Scored) -> int:
         return providers.get(s.node.provider, 0) + regions.get(s.node.region, 0)
 
-    while remaining and len(chosen) < k:
-        best = max(
-            range(len(remaining)),
-            key=lambda i: (
-                remaining[i].score * diversity ** repeats(remaining[i]),
-                -repeats(remaining[i]),  # equal scores: the new provider/region first
-                -i,
-            ),
+    def adjusted(i: int) -> tuple[float, int, int]:
+        return (
+            remaining[i].score * diversity ** repeats(remaining[i]),
+            -repeats(remaining[i]),  # equal scores: the new provider/region first
+            -i,
         )
+
+    while remaining and len(chosen) < k:
+        best = max(range(len(remaining)), key=adjusted)
+        top = adjusted(best)[0]
+        if band > 0 and rng is not None and top > 0:
+            equals = [i for i in range(len(remaining)) if adjusted(i)[0] >= (1 - band) * top]
+            if len(equals) > 1:
+                a, b = rng.sample(equals, 2)
+                room = free or (lambda s: 0.0)
+                best = max((a, b), key=lambda i: (room(remaining[i]), adjusted(i)[0], i == a))
         pick = remaining.pop(best)
         factor = diversity ** repeats(pick)
         providers[pick.node.provider] = providers.get(pick.node.provider, 0) + 1
@@ -421,6 +473,18 @@ class RoutingIndex:
         self._uvec = np.zeros((256, embedder.dim), np.float32)
         self._uname: list[str] = []
         self._uname_code = np.zeros(256, np.int32)
+        cfg = self.config
+        self.learned = LearnedFit(
+            embedder.dim,
+            low=cfg.learned_low,
+            high=cfg.learned_high,
+            near=cfg.topics_near,
+            join=cfg.topic_join,
+            topics_max=cfg.topics_max,
+        )
+        # (created_at, topic_id) and (updated_at, (node_id, topic_id)) of the last rows seen
+        self._topic_mark: tuple[datetime, str] = (EPOCH, "")
+        self._stats_mark: tuple[datetime, tuple[str, str]] = (EPOCH, ("", ""))
 
     # --- size and memory ---------------------------------------------------------------------
 
@@ -444,7 +508,7 @@ class RoutingIndex:
             self._uvec,
             self._uname_code,
         )
-        return int(sum(a.nbytes for a in arrays))
+        return int(sum(a.nbytes for a in arrays)) + self.learned.nbytes()
 
     # --- prompt embeddings ---------------------------------------------------------------------
 
@@ -490,6 +554,7 @@ class RoutingIndex:
                     if len(rows) < REFRESH_PAGE:
                         break
                     after = rows[-1].node_id
+                await self._refresh_learned(started)
                 self._loaded = True
             else:
                 # Rows changed after the last one seen; and, again, rows stamped shortly before
@@ -508,8 +573,77 @@ class RoutingIndex:
                     if len(rows) < REFRESH_PAGE:
                         break
                     since, after = as_utc(rows[-1].changed_at) or since, rows[-1].node_id
+            await self._refresh_learned(started)
             self._refreshed_at = started
             self._last_refresh = time.monotonic()
+
+    async def _refresh_learned(self, started: datetime) -> None:
+        """Topics and node-topic stats written since the last look (again those stamped shortly
+        before the previous refresh began, as for node rows). Rows hold absolute values, so
+        reading one twice changes nothing."""
+        lower = (self._refreshed_at or started) - self._overlap if self._loaded else EPOCH
+        since, after = self._topic_mark
+        if lower < since:
+            since, after = lower, ""
+        while True:
+            async with self._sessions() as session:
+                topics = await topic_queries.topics_since(
+                    session=session, since=since, after_id=after, limit=REFRESH_PAGE
+                )
+            for t in topics:
+                if t.embedder == self._embedder.name:
+                    self.learned.add_topic(t.topic_id, np.frombuffer(t.vector, dtype=np.float32))
+                since, after = as_utc(t.created_at) or since, t.topic_id
+                self._topic_mark = max(self._topic_mark, (since, after))
+            if len(topics) < REFRESH_PAGE:
+                break
+        stamp, key = self._stats_mark
+        if lower < stamp:
+            stamp, key = lower, ("", "")
+        while True:
+            async with self._sessions() as session:
+                stats = await topic_queries.node_topics_since(
+                    session=session, since=stamp, after=key, limit=REFRESH_PAGE
+                )
+            for row in stats:
+                self.learned.put(self._slot_of(row.node_id), row.topic_id, row.n, row.quality_sum)
+                stamp, key = as_utc(row.updated_at) or stamp, (row.node_id, row.topic_id)
+                self._stats_mark = max(self._stats_mark, (stamp, key))
+            if len(stats) < REFRESH_PAGE:
+                break
+
+    # --- the record step's side: learning from scored contributions ----------------------------
+
+    async def learn(
+        self,
+        session: AsyncSession,
+        *,
+        task_id: str,
+        vector: NDArray[np.float32],
+        qualities: Sequence[tuple[str, float]],
+        now: datetime,
+    ) -> str | None:
+        """Count scored contributions (node id, quality) in the topic region of the task's prompt
+        (opening the region if none is near), in the caller's transaction. Call it once per
+        task + node (the record step does: with the reputation events that are new). Returns the
+        region's id."""
+        if not qualities:
+            return None
+        topic_id, opens = self.learned.assign(vector, task_id)
+        if opens:
+            await topic_queries.add_topic(
+                session=session,
+                topic_id=topic_id,
+                embedder=self._embedder.name,
+                vector=vector.astype(np.float32).tobytes(),
+                now=now,
+            )
+            # this process's next assignments join it at once (others at their next refresh)
+            self.learned.add_topic(topic_id, vector.astype(np.float32))
+        await topic_queries.credit_topic(
+            session=session, topic_id=topic_id, qualities=qualities, now=now
+        )
+        return topic_id
 
     async def _load(self, rows: list[Node]) -> None:
         if not rows:
@@ -645,11 +779,29 @@ class RoutingIndex:
             fit[named[self._doms[:n]].any(axis=1)] = 1.0
         return fit
 
-    def scores(self, fit: NDArray[Any]) -> NDArray[Any]:
-        n = len(fit)
+    def terms(self, vector: NDArray[np.float32], *, domain: str | None = None) -> Terms:
+        """Every node's score terms for the prompt: declared fit blended with learned fit by
+        the evidence (formula at the top of this module)."""
         cfg = self.config
-        rep = np.maximum(self._rep[:n], cfg.reputation_floor)
-        return np.asarray(fit**cfg.fit_power * rep / self._price[:n], dtype=np.float64)
+        declared = self.fits(vector, domain=domain).astype(np.float64)
+        n = len(declared)
+        evidence = self.learned.evidence(vector, n)
+        weight = evidence.n / (evidence.n + cfg.prior_weight)
+        learned = np.divide(
+            evidence.quality, evidence.n, out=np.zeros(n, np.float64), where=evidence.n > 0
+        )
+        fit = declared + weight * (learned - declared)
+        prior = np.maximum(self._rep[:n], cfg.reputation_prior)
+        reputation = prior + weight * (learned - prior)
+        score = fit**cfg.fit_power * np.maximum(reputation, cfg.reputation_floor) / self._price[:n]
+        return Terms(
+            declared=declared,
+            learned=learned,
+            evidence=evidence.n,
+            fit=fit,
+            reputation=reputation,
+            score=score,
+        )
 
     def rank(
         self,
@@ -670,18 +822,18 @@ class RoutingIndex:
         considered = int(mask.sum())
         if considered == 0 or offset >= considered:
             return [], considered
-        fit = self.fits(vector, domain=domain)
-        score = np.where(mask, self.scores(fit), -np.inf)
+        terms = self.terms(vector, domain=domain)
+        score = np.where(mask, terms.score, -np.inf)
         want = min(offset + limit, considered)
         if want < len(score):
             top = np.argpartition(-score, want - 1)[:want]
         else:
             top = np.arange(len(score))
         top = top[np.lexsort((top, -score[top]))][offset:want]
-        return [self._scored(int(i), fit, score, vector) for i in top], considered
+        return [self._scored(int(i), terms, score, vector) for i in top], considered
 
     def _scored(
-        self, slot: int, fit: NDArray[Any], score: NDArray[Any], vector: NDArray[np.float32]
+        self, slot: int, terms: Terms, score: NDArray[Any], vector: NDArray[np.float32]
     ) -> Scored:
         card = self._cards[slot]
         assert card is not None
@@ -690,13 +842,17 @@ class RoutingIndex:
         if uids:
             sims = self._uvec[uids] @ vector
             best = self._uname[uids[int(np.argmax(sims))]]
+        evidence = float(terms.evidence[slot])
         return Scored(
             node=card,
-            fit=round(float(fit[slot]), 6),
+            fit=round(float(terms.fit[slot]), 6),
             score=float(score[slot]),
             base=float(score[slot]),
-            reputation=round(float(self._rep[slot]), 6),
+            reputation=round(float(terms.reputation[slot]), 6),
             contributions=int(self._rep_n[slot]),
             price=round(float(self._price[slot]), 6),
             domain=best,
+            declared=round(float(terms.declared[slot]), 6),
+            learned=round(float(terms.learned[slot]), 6) if evidence > 0 else None,
+            evidence=round(evidence, 6),
         )

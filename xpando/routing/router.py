@@ -7,6 +7,8 @@ are :mod:`xpando.breakers`; liveness comes from Temporal's worker heartbeats
 
 from __future__ import annotations
 
+import random
+import time
 from dataclasses import replace
 from datetime import UTC, datetime
 
@@ -34,7 +36,7 @@ from xpando.routing.index import (
     pick_standbys,
     select,
 )
-from xpando.temporal import NodeLiveness
+from xpando.temporal import NodeLiveness, WorkerBeat
 
 log = get_logger(__name__)
 
@@ -56,6 +58,27 @@ class Router:
         self.index = index
         self._breakers = breaker_book
         self._liveness = liveness
+        # asks this process gave each node since its last worker heartbeat: (beat time, count)
+        self._given: dict[str, tuple[float, int]] = {}
+
+    def _free(self, s: Scored) -> float:
+        """A node's free activity slots: free at its last heartbeat, less the asks this router
+        gave it since (heartbeats come every ``XPANDO_NODE_HEARTBEAT_S``)."""
+        beat = self._liveness.beat(s.node.task_queue)
+        at = _beat_time(beat)
+        given_at, given = self._given.get(s.node.node_id, (at, 0))
+        if given_at != at:
+            given = 0
+        if beat is not None and beat.used_slots + beat.free_slots > 0:
+            free = float(beat.free_slots)
+        else:
+            free = float(s.node.capacity) * (1.0 - self._liveness.load(s.node.task_queue))
+        return free - given
+
+    def _asked(self, s: Scored) -> None:
+        at = _beat_time(self._liveness.beat(s.node.task_queue))
+        given_at, given = self._given.get(s.node.node_id, (at, 0))
+        self._given[s.node.node_id] = (at, (given if given_at == at else 0) + 1)
 
     async def route(self, input: RouteInput) -> RouteResult:
         """Choose ``k`` live experts for the prompt, plus standbys (score, selection and
@@ -210,9 +233,17 @@ class Router:
         pool = list(live)
         lease = self._breakers.policy.probe_lease.total_seconds()
         claimed: dict[str, list[str]] = {}
-        diversity = self.index.config.diversity
+        cfg = self.index.config
         while True:
-            chosen, _ = select(pool, k=input.k, standbys=0, diversity=diversity)
+            chosen, _ = select(
+                pool,
+                k=input.k,
+                standbys=0,
+                diversity=cfg.diversity,
+                band=cfg.equal_band,
+                rng=random.Random(f"equals:{input.task_id}:{len(input.exclude)}"),
+                free=self._free,
+            )
             lost: list[str] = []
             if not any(gates[s.node.node_id].probes for s in chosen):
                 break
@@ -233,6 +264,8 @@ class Router:
                 break
             pool = [s for s in pool if s.node.node_id not in lost]
         final = {s.node.node_id for s in chosen}
+        for s in chosen:
+            self._asked(s)
         unused = [(n, k) for n, keys in claimed.items() if n not in final for k in keys]
         if unused:
             async with self._sessions() as session:
@@ -264,7 +297,7 @@ class Router:
             or gates[chosen[weakest].node.node_id].probes
         ):
             return chosen, standbys  # already a new node (or a probe) in that slot
-        best_fit = max(c.fit for c in chosen)
+        best_fit = max(c.declared for c in chosen)  # new nodes are judged by what they declare
         taken = [*input.exclude, *(c.node.node_id for c in chosen)]
         fresh, _ = self.index.rank(
             vector,
@@ -274,7 +307,7 @@ class Router:
             limit=8,
             new_only=True,
         )
-        fitting = [s for s in fresh if s.fit >= cfg.exploration_min_fit * best_fit]
+        fitting = [s for s in fresh if s.declared >= cfg.exploration_min_fit * best_fit]
         ok, _ = await self._check(fitting, troubled, gates, now)
         ok = [s for s in ok if not gates[s.node.node_id].probes]
         if not ok:
@@ -285,6 +318,12 @@ class Router:
         out[weakest] = explorer
         rest = [s for s in standbys if s.node.node_id != explorer.node.node_id]
         return out, [replaced, *rest][: max(len(standbys), 1)]
+
+
+def _beat_time(beat: WorkerBeat | None) -> float:
+    """When the node's load was last heard of; without heartbeats, 10-second windows (so the
+    asks given are forgotten as a heartbeat would have them forgotten)."""
+    return beat.at if beat is not None else float(int(time.time() // 10) * 10)
 
 
 def _candidate(s: Scored, *, probe: bool = False) -> RouteCandidate:
@@ -313,6 +352,9 @@ def _terms(s: Scored, outcome: RouteOutcome, reason: str = "") -> RouteTerms:
         provider=s.node.provider,
         domain=s.domain,
         fit=s.fit,
+        declared_fit=s.declared,
+        learned_fit=s.learned,
+        evidence=s.evidence,
         reputation=s.reputation,
         contributions=s.contributions,
         health=s.health,
