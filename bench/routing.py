@@ -17,6 +17,11 @@ starts a Temporal dev server in this process (loopback only) and a fresh SQLite 
    this machine — ``--fleet`` measures real ones). Also: how often the best expert is of the
    prompt's domain, the routing index's memory (tracemalloc of a fresh load) and load time, and
    what embedding one prompt costs (paid once per task, by ``plan``).
+   With ``--learned`` (the default; ``--no-learned`` skips it), every node first gets learned
+   state — scored contributions in 3 of the ``--topics`` topic regions of its domain (region
+   vectors: the domain's prompts' embeddings, jittered), written straight into ``routing_topics``
+   and ``node_topics`` — so each decision also blends in the learned fit of every node near the
+   prompt (``xpando/routing/learned.py``).
 3. **Routing at ``--big``**: the other nodes are bulk-inserted into the database (not through the
    API: that would take minutes and measure the same path as step 1), the index loads them, and
    the same decisions run again.
@@ -60,6 +65,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
 from solders.keypair import Keypair
 from sqlalchemy import insert
 from temporalio.client import Client
@@ -76,7 +82,7 @@ from xpando import temporal
 from xpando.breakers import BreakerBook
 from xpando.contracts import NodeAction, NodeDomain, NodeProfile, RouteInput, TaskInput
 from xpando.db import create_engine, init_db, session_factory
-from xpando.db.models import Node
+from xpando.db.models import Node, NodeTopic, Topic
 from xpando.embedding import embedder_from_settings
 from xpando.identity import sign_request, verify_request
 from xpando.logs import configure_logging
@@ -193,6 +199,59 @@ async def bulk_insert(settings: Settings, start: int, stop: int) -> float:
     return time.perf_counter() - t
 
 
+async def bulk_learned(settings: Settings, start: int, stop: int, *, topics: int) -> float:
+    """Learned state for nodes ``start`` … ``stop - 1``: the topic regions (once, ``topics`` of
+    them spread over the 50 domains), then 3 regions of its own domain per node, each with
+    5-30 scored contributions of quality 0.5-0.95."""
+    domains = _domains()
+    per_domain = max(1, topics // len(domains))
+    embedder = embedder_from_settings(settings)
+    engine = create_engine(settings.database_dsn)
+    now = datetime.now(UTC)
+    rng = np.random.default_rng(start)
+    t = time.perf_counter()
+    try:
+        async with engine.begin() as conn:
+            if start == 0:
+                rows = []
+                for d, domain in enumerate(domains):
+                    base = embedder.embed(domain["prompts"]).mean(axis=0)
+                    for j in range(per_domain):
+                        vec = base + rng.normal(0, 0.03, base.shape)
+                        vec = (vec / np.linalg.norm(vec)).astype(np.float32)
+                        rows.append(
+                            {
+                                "topic_id": f"bench-{d}-{j}",
+                                "embedder": embedder.name,
+                                "vector": vec.tobytes(),
+                                "created_at": now,
+                            }
+                        )
+                await conn.execute(insert(Topic), rows)
+            batch: list[dict[str, Any]] = []
+            for i in range(start, stop):
+                d = i % len(domains)
+                for j in rng.choice(per_domain, size=min(3, per_domain), replace=False):
+                    n = float(rng.integers(5, 31))
+                    batch.append(
+                        {
+                            "node_id": f"n{i:06d}",
+                            "topic_id": f"bench-{d}-{j}",
+                            "n": n,
+                            "quality_sum": n * float(rng.uniform(0.5, 0.95)),
+                            "updated_at": now,
+                        }
+                    )
+                if len(batch) >= 5000:
+                    await conn.execute(insert(NodeTopic), batch)
+                    batch = []
+            if batch:
+                await conn.execute(insert(NodeTopic), batch)
+    finally:
+        await engine.dispose()
+    return time.perf_counter() - t
+
+
 async def routing_speed(
     client: Client, settings: Settings, decisions: int
 ) -> dict[str, float | int]:
@@ -257,6 +316,8 @@ async def routing_speed(
             hits += route.chosen[0].domains == [domain]
         return {
             "nodes": nodes,
+            "topics": index.learned.topics,
+            "learned_entries": index.learned.entries,
             "distinct_domains": index.distinct_domains,
             "p50_ms": statistics.median(latencies),
             "p99_ms": _pct(latencies, 0.99),
@@ -433,6 +494,13 @@ async def main() -> None:
     parser.add_argument("--nodes", type=int, default=10_000)
     parser.add_argument("--big", type=int, default=100_000, help="0 skips the big run")
     parser.add_argument("--decisions", type=int, default=2000)
+    parser.add_argument(
+        "--learned",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="give every node learned state before measuring decisions",
+    )
+    parser.add_argument("--topics", type=int, default=2000, help="topic regions (--learned)")
     parser.add_argument("--fleet", type=int, default=1000, help="0 skips the fleet")
     parser.add_argument("--tasks", type=int, default=200, help="0 skips the workflow ratio")
     parser.add_argument("--sequential", type=int, default=30)
@@ -520,11 +588,17 @@ async def _routing_runs(client: Client, settings: Settings, args: argparse.Names
         f"check {reg['verify_us']:.0f} us",
         flush=True,
     )
+    if args.learned:
+        learned_s = await bulk_learned(settings, 0, args.nodes, topics=args.topics)
+        print(f"learned state for {args.nodes:,} nodes written in {learned_s:.1f} s", flush=True)
     small = await routing_speed(client, settings, args.decisions)
     _print_routing(small)
     if args.big > args.nodes:
         insert_s = await bulk_insert(settings, args.nodes, args.big)
         print(f"bulk-inserted {args.big - args.nodes:,} more nodes in {insert_s:.1f} s")
+        if args.learned:
+            learned_s = await bulk_learned(settings, args.nodes, args.big, topics=args.topics)
+            print(f"  and their learned state in {learned_s:.1f} s", flush=True)
         big = await routing_speed(client, settings, args.decisions)
         _print_routing(big, goal_p50=5.0, goal_p99=None)
 
@@ -537,7 +611,8 @@ def _print_routing(
         f"routing at {r['nodes']:,} nodes ({r['distinct_domains']} distinct domain texts): "
         f"one decision p50 {r['p50_ms']:.2f} ms, p99 {r['p99_ms']:.2f} ms, max "
         f"{r['max_ms']:.1f} ms ({goals}); best expert in the prompt's domain "
-        f"{r['top_in_domain']:.1%}",
+        f"{r['top_in_domain']:.1%}; learned state: {r['learned_entries']:,} node-topic "
+        f"entries over {r['topics']:,} topic regions",
         flush=True,
     )
     print(

@@ -1,14 +1,45 @@
 """Routing: which experts answer a task. An in-memory index over every registered node.
 
-**Score** of node *i* for a prompt (settings in brackets, defaults after ``=``)::
+**Score** of node *i* for a prompt *e* (settings in brackets, defaults after ``=``)::
 
-    fit_i       = clip(max over the node's domains d of cos(e(prompt), e(d)), 0, 1)
+    declared_i  = clip(max over the node's domains d of cos(e, e(d)), 0, 1)
                   (1.0 for nodes serving the domain a task names)
+    s_r         = clip((cos(e, topic_r) - 0.4) / (0.7 - 0.4), 0, 1)
+                  for the 8 topic regions r nearest the prompt (0 for all others)
+    evidence_i  = sum_r s_r * n_ir            n_ir: node i's scored contributions in region r
+    learned_i   = sum_r s_r * qsum_ir / evidence_i    qsum_ir: the sum of their qualities
+    w_i         = evidence_i / (evidence_i + kappa)   [XPANDO_ROUTING_PRIOR_WEIGHT = kappa = 2]
+    fit_i       = declared_i + w_i * (learned_i - declared_i)
+    prior_i     = max(reputation_i, XPANDO_REPUTATION_PRIOR = 0.5)
+    topic_rep_i = prior_i + w_i * (learned_i - prior_i)
     price_i     = (1 + (price_in_i + price_out_i) / 2 / price_ref) ** price_weight
                   [XPANDO_ROUTING_PRICE_REF = 10 USD per 1M tokens, _PRICE_WEIGHT = 0.5]
     health_i    = 0.5 ** recent_failures_i * (1 - load_i / 2)
-    score_i     = fit_i ** fit_power * max(reputation_i, floor) * health_i / price_i
+    score_i     = fit_i ** fit_power * max(topic_rep_i, floor) * health_i / price_i
                   [XPANDO_ROUTING_FIT_POWER = 4, XPANDO_ROUTING_REPUTATION_FLOOR = 0.05]
+
+With no evidence near the prompt (a new node, a new topic) the score is the declared one; with
+much, it is ``learned ** (fit_power + 1)``: what the node has shown near this prompt. ``kappa`` is
+how many scored answers near the prompt weigh as much as the declaration.
+
+**Learned fit** (:mod:`xpando.routing.learned`, tables ``routing_topics`` and ``node_topics``).
+The record step counts each scored contribution (answered, or "no relevant passage"; once per
+task + node, with its reputation event) in the *topic region* of the task's prompt: the nearest
+region when its cosine is at least 0.8, else a new region whose vector is this prompt (at most
+4,096 regions; then always the nearest). Regions are therefore fine-grained (a question and its
+rewordings), and ``s_r`` falls to 0 at cosine 0.4, so a node's record informs prompts worded like
+the ones it answered, not a whole domain — on the sentence embedder's scale two unrelated
+prompts of one domain are around 0.15-0.3, a rewording 0.6-0.9. What this buys:
+
+* a node scored low on a topic loses that topic and only that one: its per-topic reputation
+  falls there; elsewhere it keeps its declared fit and ``prior_i``, which a low global
+  reputation never lowers below the prior of a new node;
+* a few lucky answers do not outweigh many: ``learned`` is a mean, ``w`` grows with the count;
+* a new node still has its declared fit and its exploration share (below).
+
+The constants 0.4, 0.7, 8, 0.8 and 4,096 are ``RoutingConfig`` fields (``learned_low``,
+``learned_high``, ``topics_near``, ``topic_join``, ``topics_max``), chosen on the committed learning
+set (``tests/data/routing_learning.jsonl``, ``python -m bench.learning``).
 
 ``recent_failures_i``: consecutive failures counted by the node's circuit breaker and by its
 provider's in its region, while still closed and within one breaker cool-down of the last one
@@ -24,26 +55,34 @@ A score is also multiplied by the diversity factor of the selection step below.
 **Selection**: greedily, ``k`` times, the candidate with the highest
 ``score * diversity ** (chosen of its provider + chosen of its region)``
 [XPANDO_ROUTING_DIVERSITY = 0.8], so the experts are not all of one provider or one region when
-comparable alternatives exist. Then the standbys (``STANDBYS`` in ``workflows/task.py``): the next
-best, each preferring a provider not used yet, for failover and hedging.
+comparable alternatives exist. Equals share the work: when several candidates are within
+``XPANDO_ROUTING_EQUAL_BAND = 0.15`` of that best value, two of them are drawn (seeded by the
+task id) and the one with more free capacity is taken — free slots at its last worker heartbeat,
+less the asks this process gave it since (power of two choices); a clearly better node is alone
+in its band. Then the standbys (``STANDBYS`` in ``workflows/task.py``): the next best, each
+preferring a provider not used yet, for failover and hedging.
 
 **Exploration**: in a share of tasks with ``k ≥ 2`` [XPANDO_ROUTING_EXPLORATION = 0.1], decided by
 the task id (so a retried route decides the same), the weakest chosen slot goes to the best *new*
-node — fewer than ``XPANDO_REPUTATION_NEW_BELOW = 5`` scored contributions — whose fit is at least
-``XPANDO_ROUTING_EXPLORATION_MIN_FIT = 0.8`` of the best chosen fit. A new node therefore gets at
-most that share of tasks beyond what its score earns, and only next to established experts.
+node — fewer than ``XPANDO_REPUTATION_NEW_BELOW = 5`` scored contributions — whose declared fit
+is at least ``XPANDO_ROUTING_EXPLORATION_MIN_FIT = 0.8`` of the best chosen declared fit. A new
+node therefore gets at most that share of tasks beyond what its score earns, and only next to
+established experts.
 
-**Reputation** (``xpando/db/nodes.py``): each scored contribution (answered, or answered "no
-relevant passage") moves it toward the aggregation's quality:
-``r ← r + a·(q - r)``, ``a = max(XPANDO_REPUTATION_ALPHA = 0.1, 1/(n + 2))`` from
-``XPANDO_REPUTATION_PRIOR = 0.5`` — the mean of the first few, then a moving average.
+**Global reputation** (``xpando/db/nodes.py``): each scored contribution moves it toward the
+aggregation's quality: ``r ← r + a·(q - r)``, ``a = max(XPANDO_REPUTATION_ALPHA = 0.1, 1/(n + 2))``
+from ``XPANDO_REPUTATION_PRIOR = 0.5`` — the mean of the first few, then a moving average. It
+enters the score only through ``prior_i`` (and the payouts' reward formula).
 
-**Index**: node rows, their domains' vectors and the numeric terms live in NumPy arrays refreshed
-incrementally from the database (rows whose ``changed_at`` moved, with a short overlap for
-writers' clocks), like the knowledge index. A decision is one matrix-vector product over the
-distinct domain texts, a gather + max per node, a vector score, ``argpartition`` for the top
-candidates, and then per-candidate checks (liveness, breakers) on those few only
-(``python -m bench.routing`` measures it at 10,000 and 100,000 nodes).
+**Index**: node rows, their domains' vectors, the numeric terms, the topic regions and the
+node-topic stats live in NumPy arrays refreshed incrementally from the database (rows whose
+``changed_at`` / ``updated_at`` moved, with a short overlap for writers' clocks), like the
+knowledge index; every core worker reads the same rows, and a restarted one rebuilds them. A
+decision is one matrix-vector product over the distinct domain texts and one over the topic
+regions, a gather + max per node, a ``bincount`` over the node-topic entries of the few nearest
+regions, a vector score, ``argpartition`` for the top candidates, and then per-candidate checks
+(liveness, breakers) on those few only (``python -m bench.routing`` measures it at 10,000 and
+100,000 nodes, with learned state for every node).
 """
 
 from __future__ import annotations
@@ -71,7 +110,7 @@ from xpando.db.models import Node
 from xpando.db.queries import as_utc
 from xpando.embedding import Embedder
 from xpando.logs import get_logger
-from xpando.routing.learned import LearnedFit
+from xpando.routing.learned import LearnedFit, topic_id_for
 from xpando.settings import Settings
 
 log = get_logger(__name__)
@@ -630,7 +669,9 @@ class RoutingIndex:
         if not qualities:
             return None
         topic_id, opens = self.learned.assign(vector, task_id)
-        if opens:
+        # A retried record finds the region its first attempt opened in memory: insert it again
+        # (nothing when it is there), in case that attempt's transaction rolled back.
+        if opens or topic_id == topic_id_for(task_id):
             await topic_queries.add_topic(
                 session=session,
                 topic_id=topic_id,
