@@ -343,14 +343,32 @@ async def ensure_domain_vectors(
 
 @dataclass(frozen=True)
 class Terms:
-    """Score terms of every node slot for one prompt."""
+    """Score terms for one prompt: dense over node slots for the declared side and the score,
+    sparse (``slots``) for the nodes with evidence near the prompt."""
 
-    declared: NDArray[np.float64]
-    learned: NDArray[np.float64]
-    evidence: NDArray[np.float64]
-    fit: NDArray[np.float64]
-    reputation: NDArray[np.float64]
+    declared: NDArray[Any]
+    prior: NDArray[Any]
     score: NDArray[np.float64]
+    slots: NDArray[np.int64]
+    evidence: NDArray[np.float64]
+    learned: NDArray[np.float64]
+    prior_weight: float
+
+    def of(self, slot: int) -> tuple[float, float | None, float, float, float]:
+        """(declared, learned or None, evidence, fit, reputation) of one node slot."""
+        declared, prior = float(self.declared[slot]), float(self.prior[slot])
+        at = np.searchsorted(self.slots, slot)
+        if at < len(self.slots) and self.slots[at] == slot:
+            evidence, learned = float(self.evidence[at]), float(self.learned[at])
+            w = evidence / (evidence + self.prior_weight)
+            return (
+                declared,
+                learned,
+                evidence,
+                declared + w * (learned - declared),
+                prior + w * (learned - prior),
+            )
+        return declared, None, 0.0, declared, prior
 
 
 @dataclass(frozen=True)
@@ -821,27 +839,34 @@ class RoutingIndex:
         return fit
 
     def terms(self, vector: NDArray[np.float32], *, domain: str | None = None) -> Terms:
-        """Every node's score terms for the prompt: declared fit blended with learned fit by
-        the evidence (formula at the top of this module)."""
+        """Every node's score for the prompt: the declared score for all, then the blend with
+        the learned fit for the few nodes with evidence near the prompt (formula at the top of
+        this module)."""
         cfg = self.config
-        declared = self.fits(vector, domain=domain).astype(np.float64)
+        declared = self.fits(vector, domain=domain)
         n = len(declared)
-        evidence = self.learned.evidence(vector, n)
-        weight = evidence.n / (evidence.n + cfg.prior_weight)
-        learned = np.divide(
-            evidence.quality, evidence.n, out=np.zeros(n, np.float64), where=evidence.n > 0
-        )
-        fit = declared + weight * (learned - declared)
         prior = np.maximum(self._rep[:n], cfg.reputation_prior)
-        reputation = prior + weight * (learned - prior)
-        score = fit**cfg.fit_power * np.maximum(reputation, cfg.reputation_floor) / self._price[:n]
+        score = np.asarray(
+            declared**cfg.fit_power * np.maximum(prior, cfg.reputation_floor) / self._price[:n],
+            dtype=np.float64,
+        )
+        evidence = self.learned.evidence(vector)
+        slots = evidence.slots
+        learned = evidence.quality / evidence.n
+        weight = evidence.n / (evidence.n + cfg.prior_weight)
+        fit = declared[slots] + weight * (learned - declared[slots])
+        reputation = prior[slots] + weight * (learned - prior[slots])
+        score[slots] = (
+            fit**cfg.fit_power * np.maximum(reputation, cfg.reputation_floor) / self._price[slots]
+        )
         return Terms(
             declared=declared,
-            learned=learned,
-            evidence=evidence.n,
-            fit=fit,
-            reputation=reputation,
+            prior=prior,
             score=score,
+            slots=slots,
+            evidence=evidence.n,
+            learned=learned,
+            prior_weight=cfg.prior_weight,
         )
 
     def rank(
@@ -883,17 +908,17 @@ class RoutingIndex:
         if uids:
             sims = self._uvec[uids] @ vector
             best = self._uname[uids[int(np.argmax(sims))]]
-        evidence = float(terms.evidence[slot])
+        declared, learned, evidence, fit, reputation = terms.of(slot)
         return Scored(
             node=card,
-            fit=round(float(terms.fit[slot]), 6),
+            fit=round(fit, 6),
             score=float(score[slot]),
             base=float(score[slot]),
-            reputation=round(float(terms.reputation[slot]), 6),
+            reputation=round(reputation, 6),
             contributions=int(self._rep_n[slot]),
             price=round(float(self._price[slot]), 6),
             domain=best,
-            declared=round(float(terms.declared[slot]), 6),
-            learned=round(float(terms.learned[slot]), 6) if evidence > 0 else None,
+            declared=round(declared, 6),
+            learned=round(learned, 6) if learned is not None else None,
             evidence=round(evidence, 6),
         )

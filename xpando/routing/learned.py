@@ -26,9 +26,11 @@ def topic_id_for(task_id: str) -> str:
 
 @dataclass(frozen=True)
 class Evidence:
-    """A prompt's learned terms for every node slot: ``n`` the similarity-weighted count of
-    scored contributions near the prompt, ``quality`` their weighted quality sum."""
+    """A prompt's learned terms for the node slots that have any (``slots``, ascending): ``n``
+    the similarity-weighted count of their scored contributions near the prompt, ``quality``
+    the weighted quality sum."""
 
+    slots: NDArray[np.int64]
     n: NDArray[np.float64]
     quality: NDArray[np.float64]
 
@@ -56,7 +58,7 @@ class LearnedFit:
         self._e_n = np.zeros(cap, np.float32)
         self._e_q = np.zeros(cap, np.float32)
         self._entries = 0
-        self._entry: dict[tuple[int, int], int] = {}
+        self._entry: dict[int, int] = {}  # node slot << 32 | topic slot -> entry
         self._by_topic: list[list[int]] = []
         self._by_topic_arr: list[NDArray[np.int64] | None] = []
 
@@ -96,7 +98,7 @@ class LearnedFit:
         topic = self._tslot.get(topic_id)
         if topic is None:
             return  # its topic row comes with the next refresh (and this row again after it)
-        key = (node_slot, topic)
+        key = node_slot << 32 | topic
         index = self._entry.get(key)
         if index is None:
             index = self._entries
@@ -140,19 +142,26 @@ class LearnedFit:
         keep = weight > 0
         return top[keep].astype(np.int64), weight[keep].astype(np.float64)
 
-    def evidence(self, vector: NDArray[np.float32], slots: int) -> Evidence:
-        """Every node slot's evidence near the prompt (zeros where it has none)."""
-        n = np.zeros(slots, np.float64)
-        q = np.zeros(slots, np.float64)
+    def evidence(self, vector: NDArray[np.float32]) -> Evidence:
+        """The evidence near the prompt of every node that has some (sparse: a decision's
+        cost grows with the entries of its nearest regions, not with the nodes)."""
         topics, weights = self.nearest(vector)
-        for topic, w in zip(topics.tolist(), weights.tolist(), strict=True):
-            idx = self._arr(topic)
-            if not len(idx):
-                continue
-            nodes = self._e_node[idx]
-            n += np.bincount(nodes, weights=w * self._e_n[idx], minlength=slots)[:slots]
-            q += np.bincount(nodes, weights=w * self._e_q[idx], minlength=slots)[:slots]
-        return Evidence(n=n, quality=q)
+        parts = [(self._arr(t), w) for t, w in zip(topics.tolist(), weights.tolist(), strict=True)]
+        parts = [(idx, w) for idx, w in parts if len(idx)]
+        if not parts:
+            empty = np.zeros(0, np.float64)
+            return Evidence(slots=np.zeros(0, np.int64), n=empty, quality=empty)
+        idx = np.concatenate([p[0] for p in parts])
+        w = np.concatenate([np.full(len(p[0]), p[1]) for p in parts])
+        slots, inverse = np.unique(self._e_node[idx], return_inverse=True)
+        n = np.bincount(inverse, weights=w * self._e_n[idx], minlength=len(slots))
+        q = np.bincount(inverse, weights=w * self._e_q[idx], minlength=len(slots))
+        keep = n > 0
+        return Evidence(
+            slots=slots[keep].astype(np.int64),
+            n=n[keep].astype(np.float64),
+            quality=q[keep].astype(np.float64),
+        )
 
     def _arr(self, topic: int) -> NDArray[np.int64]:
         arr = self._by_topic_arr[topic]
