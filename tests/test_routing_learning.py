@@ -9,13 +9,18 @@ PostgreSQL.
 
 from __future__ import annotations
 
+import asyncio
+import uuid
 from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack
 from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlmodel import select
+from temporalio.client import Client
+from temporalio.worker import Worker
 
 from activities.recording import RecordingActivities
 from bench.learning import (
@@ -27,6 +32,11 @@ from bench.learning import (
     learning_set,
     liar,
 )
+from tests.conftest import wait_live
+from tests.test_quorum_and_reputation import PROMPT, Experts
+from workers.core import build_core_worker
+from workflows.task import TaskWorkflow
+from xpando import temporal
 from xpando.breakers import BreakerBook
 from xpando.contracts import (
     Contribution,
@@ -35,9 +45,12 @@ from xpando.contracts import (
     NodeProfile,
     RecordInput,
     RouteInput,
+    TaskInput,
+    TaskResult,
     TaskStage,
+    node_task_queue,
 )
-from xpando.db import create_engine, init_db, queries, session_factory
+from xpando.db import SessionFactory, create_engine, init_db, queries, session_factory
 from xpando.db.models import NodeTopic
 from xpando.db.nodes import ReputationParams
 from xpando.embedding import embedder_from_settings
@@ -198,3 +211,69 @@ def _scored(node_id: str, quality: float) -> Contribution:
         answer="a",
         quality=quality,
     )
+
+
+async def test_two_core_workers_share_what_routing_learned_and_a_restart_keeps_it(
+    client: Client, settings: Settings, sessions: SessionFactory
+) -> None:
+    """TaskWorkflow on the real dev server with two core workers on one queue and database:
+    a node whose answers are scored low is no longer chosen whichever worker routes, and a
+    core worker started afterwards routes on the same learned state."""
+    good_a, good_b, bad = (f"{n}-{uuid.uuid4().hex[:6]}" for n in ("good-a", "good-b", "bad"))
+    experts = Experts(bad=frozenset({bad}))
+    async with sessions() as s:
+        for node_id in (good_a, good_b, bad):
+            await queries.upsert_node(
+                session=s,
+                profile=NodeProfile(
+                    node_id=node_id,
+                    region="eu-west",
+                    provider="scripted",
+                    model="m",
+                    domains=[NodeDomain(name="baking", description="bread, dough, yeast")],
+                ),
+                now=datetime.now(UTC),
+            )
+    chosen: list[list[str]] = []
+
+    async def run() -> TaskResult:
+        task_id = f"task-{uuid.uuid4().hex[:10]}"
+        result = await client.execute_workflow(
+            TaskWorkflow.run,
+            TaskInput(task_id=task_id, prompt=PROMPT, k=2, fresh=True),
+            id=task_id,
+            task_queue=settings.core_task_queue,
+        )
+        chosen.append([c.node_id for c in result.contributions])
+        await asyncio.sleep(0.6)  # one routing index refresh
+        return result
+
+    async with AsyncExitStack() as stack:
+        for node_id in (good_a, good_b, bad):
+            worker = Worker(
+                client, task_queue=node_task_queue(node_id), activities=[experts.activity]
+            )
+            await stack.enter_async_context(worker)
+        other = await temporal.connect(settings)  # the second worker's process has its own
+        async with (
+            build_core_worker(client, sessions=sessions, settings=settings),
+            build_core_worker(other, sessions=sessions, settings=settings),
+        ):
+            await wait_live(client, *(node_task_queue(n) for n in (good_a, good_b, bad)))
+            while not any(bad in c for c in chosen):  # until the bad node has been asked
+                await run()
+                assert len(chosen) < 8, chosen
+            for _ in range(4):
+                await run()
+        assert all(bad not in c for c in chosen[-4:]), chosen
+        # a core worker started now rebuilds the learned state from the database
+        async with build_core_worker(client, sessions=sessions, settings=settings):
+            result = await run()
+    assert bad not in chosen[-1]
+    assert result.routing is not None
+    terms = {c.node_id: c for c in result.routing.candidates}
+    bad_fit = terms[bad].learned_fit
+    assert terms[bad].evidence >= 1 and bad_fit is not None
+    assert bad_fit < 0.3 < terms[bad].declared_fit
+    good = terms[good_a].learned_fit
+    assert good is not None and good > 0.5
