@@ -46,6 +46,7 @@ import time
 from collections import Counter, deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, cast
 
@@ -176,7 +177,7 @@ class Simulation:
                     domains=domains,
                     capacity=n.capacity,
                 )
-                await queries.upsert_node(session=session, profile=profile, now=_now())
+                await queries.upsert_node(session=session, profile=profile, now=datetime.now(UTC))
                 self.nodes[n.node_id] = n
         await self.index.refresh(force=True)
         self._heartbeat()
@@ -278,12 +279,6 @@ def gini(values: Sequence[float]) -> float:
         return 0.0
     weighted = sum((i + 1) * v for i, v in enumerate(ordered))
     return (2 * weighted) / (n * total) - (n + 1) / n
-
-
-def _now() -> Any:
-    from datetime import UTC, datetime
-
-    return datetime.now(UTC)
 
 
 # --- the three experiments (also run, on smaller sets, by tests/test_routing_learning.py) --------
