@@ -277,3 +277,44 @@ async def test_two_core_workers_share_what_routing_learned_and_a_restart_keeps_i
     assert bad_fit < 0.3 < terms[bad].declared_fit
     good = terms[good_a].learned_fit
     assert good is not None and good > 0.5
+
+
+async def test_a_few_lucky_answers_do_not_outweigh_many_good_ones(
+    any_engine: AsyncEngine, embedder: CachedEmbedder
+) -> None:
+    sessions = session_factory(any_engine)
+    domains, prompts = learning_set()
+    d = domains["python"]
+    async with sessions() as s:
+        for node_id in ("lucky", "steady", "fresh"):
+            await queries.upsert_node(
+                session=s,
+                profile=NodeProfile(
+                    node_id=node_id,
+                    region="eu-west",
+                    provider="p",
+                    model="m",
+                    domains=[NodeDomain(name="python", description=d["description"])],
+                ),
+                now=datetime.now(UTC),
+            )
+    index = RoutingIndex(sessions, embedder, refresh_every_s=0.0)
+    await index.refresh(force=True)
+    prompt = next(p for p in prompts if p.domain == "python")
+    vector = embedder.embed([prompt.text])[0]
+    async with sessions() as s:
+        for i in range(30):
+            answers = [("steady", 0.85), *([("lucky", 1.0)] if i < 2 else [])]
+            await index.learn(s, task_id=f"t-{i}", vector=vector, qualities=answers, now=_now())
+        await s.commit()
+    await index.refresh(force=True)
+    ranked, _ = index.rank(vector)
+    order = [r.node.node_id for r in ranked]
+    by_node = {r.node.node_id: r for r in ranked}
+    assert order == ["steady", "lucky", "fresh"], order
+    assert by_node["lucky"].learned == pytest.approx(1.0) and by_node["lucky"].evidence == 2
+    assert by_node["fresh"].learned is None and by_node["fresh"].fit == by_node["fresh"].declared
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
