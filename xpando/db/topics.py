@@ -99,15 +99,16 @@ async def node_topics_since(
     since: datetime | None,
     after: tuple[str, str] = ("", ""),
     limit: int = 5000,
-) -> list[NodeTopic]:
+) -> list[tuple[str, str, float, float, datetime]]:
     """Node-topic stats changed after (``since``, ``after``) in (updated_at, node_id, topic_id)
-    order (keyset paging: many rows share one timestamp)."""
-    stmt = select(NodeTopic).order_by(
-        col(NodeTopic.updated_at), col(NodeTopic.node_id), col(NodeTopic.topic_id)
-    )
+    order (keyset paging: many rows share one timestamp), as plain (node_id, topic_id, n,
+    quality_sum, updated_at) tuples: a refresh may read many, and ORM objects cost several times
+    more to build on the event loop."""
+    at = col(NodeTopic.updated_at)
+    node, topic = col(NodeTopic.node_id), col(NodeTopic.topic_id)
+    columns: list[Any] = [node, topic, col(NodeTopic.n), col(NodeTopic.quality_sum), at]
+    stmt = select(*columns).order_by(at, node, topic)
     if since is not None:
-        at = col(NodeTopic.updated_at)
-        node, topic = col(NodeTopic.node_id), col(NodeTopic.topic_id)
         stmt = stmt.where(
             or_(
                 at > since,
@@ -117,4 +118,5 @@ async def node_topics_since(
                 ),
             )
         )
-    return list((await session.exec(stmt.limit(limit))).all())
+    rows = (await session.exec(stmt.limit(limit))).all()
+    return [(r[0], r[1], r[2], r[3], r[4]) for r in rows]

@@ -651,6 +651,7 @@ class RoutingIndex:
                 if t.embedder == self._embedder.name:
                     self.learned.add_topic(t.topic_id, np.frombuffer(t.vector, dtype=np.float32))
                 since, after = as_utc(t.created_at) or since, t.topic_id
+            if topics:
                 self._topic_mark = max(self._topic_mark, (since, after))
             if len(topics) < REFRESH_PAGE:
                 break
@@ -662,9 +663,10 @@ class RoutingIndex:
                 stats = await topic_queries.node_topics_since(
                     session=session, since=stamp, after=key, limit=REFRESH_PAGE
                 )
-            for row in stats:
-                self.learned.put(self._slot_of(row.node_id), row.topic_id, row.n, row.quality_sum)
-                stamp, key = as_utc(row.updated_at) or stamp, (row.node_id, row.topic_id)
+            for node_id, topic_id, n, quality_sum, updated_at in stats:
+                self.learned.put(self._slot_of(node_id), topic_id, n, quality_sum)
+                stamp, key = as_utc(updated_at) or stamp, (node_id, topic_id)
+            if stats:
                 self._stats_mark = max(self._stats_mark, (stamp, key))
             if len(stats) < REFRESH_PAGE:
                 break
