@@ -245,7 +245,7 @@ async def test_two_core_workers_share_what_routing_learned_and_a_restart_keeps_i
             task_queue=settings.core_task_queue,
         )
         chosen.append([c.node_id for c in result.contributions])
-        await asyncio.sleep(0.6)  # one routing index refresh
+        await asyncio.sleep(0.6)  # a routing index refresh period
         return result
 
     async with AsyncExitStack() as stack:
@@ -263,9 +263,10 @@ async def test_two_core_workers_share_what_routing_learned_and_a_restart_keeps_i
             while not any(bad in c for c in chosen):  # until the bad node has been asked
                 await run()
                 assert len(chosen) < 8, chosen
-            for _ in range(4):
+            for _ in range(6):
                 await run()
-        assert all(bad not in c for c in chosen[-4:]), chosen
+        # each worker's index may route once on what it held before the bad answer's record
+        assert all(bad not in c for c in chosen[-3:]), chosen
         # a core worker started now rebuilds the learned state from the database
         async with build_core_worker(client, sessions=sessions, settings=settings):
             result = await run()

@@ -125,6 +125,7 @@ FORMULA = (
 DOMAIN_KEYWORDS = 40
 REFRESH_PAGE = 5000
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+IDLE_REFRESHES = 4  # refresh periods without a refresh after which a decision refreshes in line
 
 
 @dataclass(frozen=True)
@@ -583,11 +584,17 @@ class RoutingIndex:
     async def maybe_refresh(self) -> None:
         """What a routing decision calls: the first load in line, later refreshes in the
         background (the decision goes on with what the index holds, at most one refresh
-        period old), so no decision waits for the database."""
+        period old), so no decision of a busy core worker waits for the database. After an
+        idle spell (no refresh for ``IDLE_REFRESHES`` periods) the decision refreshes in line:
+        what it holds could be that old, and the nodes' learned state moved meanwhile."""
         if not self._loaded:
             await self.refresh()
             return
-        if time.monotonic() - self._last_refresh < self._refresh_every_s:
+        age = time.monotonic() - self._last_refresh
+        if age < self._refresh_every_s:
+            return
+        if age > IDLE_REFRESHES * self._refresh_every_s:
+            await self.refresh()
             return
         if self._background is None or self._background.done():
             self._background = asyncio.create_task(self.refresh())
