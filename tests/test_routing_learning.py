@@ -34,13 +34,12 @@ from bench.learning import (
 )
 from tests.conftest import wait_live
 from tests.test_quorum_and_reputation import PROMPT, Experts
+from tests.test_routing import _scored
 from workers.core import build_core_worker
 from workflows.task import TaskWorkflow
 from xpando import temporal
 from xpando.breakers import BreakerBook
 from xpando.contracts import (
-    Contribution,
-    ContributionStatus,
     NodeDomain,
     NodeProfile,
     RecordInput,
@@ -199,18 +198,6 @@ async def test_learned_state_is_rebuilt_after_a_restart_and_shared_by_core_worke
     async with sessions() as s:
         rows = (await s.exec(select(NodeTopic))).all()
     assert sum(r.n for r in rows if r.node_id == "python-node") == len(python)  # once each
-
-
-def _scored(node_id: str, quality: float) -> Contribution:
-    return Contribution(
-        node_id=node_id,
-        region="eu-west",
-        provider="p",
-        model="m",
-        status=ContributionStatus.OK,
-        answer="a",
-        quality=quality,
-    )
 
 
 async def test_two_core_workers_share_what_routing_learned_and_a_restart_keeps_it(
