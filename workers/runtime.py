@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import signal
 import time
+import weakref
 from collections.abc import Callable, Coroutine
 from typing import Any
 
@@ -64,7 +65,8 @@ def deployment_config(
     )
 
 
-_promoted: set[tuple[int, str, str]] = set()
+# What each client has promoted (held weakly: a client's id may be reused once it is gone).
+_promoted: weakref.WeakKeyDictionary[Client, set[tuple[str, str]]] = weakref.WeakKeyDictionary()
 
 
 async def promote_version(client: Client, deployment: str, build_id: str) -> None:
@@ -72,8 +74,9 @@ async def promote_version(client: Client, deployment: str, build_id: str) -> Non
     the version go to it; pinned runs stay on theirs). Done once per process and version; a
     version already current is left alone. Retried while the server does not know the version
     yet (it learns it from a worker's poll)."""
-    key = (id(client), deployment, build_id)
-    if key in _promoted:
+    key = (deployment, build_id)
+    done = _promoted.setdefault(client, set())
+    if key in done:
         return
     deadline = time.monotonic() + PROMOTE_WITHIN_S
     while True:
@@ -94,7 +97,7 @@ async def promote_version(client: Client, deployment: str, build_id: str) -> Non
                     )
                 )
                 log.info("deployment version promoted", deployment=deployment, build_id=build_id)
-            _promoted.add(key)
+            done.add(key)
             return
         except RPCError as err:
             if time.monotonic() > deadline:
