@@ -53,6 +53,7 @@ from api.deps import TaskLimits, task_limits
 from api.main import create_app
 from api.routes import tasks
 from api.schemas import TaskAccepted
+from bench._stats import pct
 from cli.devserver import start_local_env
 from xpando.auth import spend, store
 from xpando.auth.keys import KeyLimits, Principal, Scope
@@ -65,11 +66,6 @@ from xpando.settings import Settings
 
 HIGH = 1_000_000  # every limit checked, none reached
 PROMPT = "How does a Temporal workflow survive a worker crash?"
-
-
-def _pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 def without_keys_and_limits(app: FastAPI) -> FastAPI:
@@ -337,13 +333,13 @@ async def main() -> None:
     for name, label in (("off", "keys and limits off"), ("on", "keys and limits on")):
         values = times[name]
         print(
-            f"  {label:<20} p50 {_pct(values, 0.5) * 1000:6.2f} ms   "
-            f"p99 {_pct(values, 0.99) * 1000:6.2f} ms   "
+            f"  {label:<20} p50 {pct(values, 0.5) * 1000:6.2f} ms   "
+            f"p99 {pct(values, 0.99) * 1000:6.2f} ms   "
             f"(median of round p50s {statistics.median(round_p50[name]) * 1000:.2f} ms; "
             f"CPU of this process {statistics.median(cpu[name]) * 1000:.2f} ms a request)"
         )
-    p50 = _pct(times["on"], 0.5) / _pct(times["off"], 0.5)
-    p99 = _pct(times["on"], 0.99) / _pct(times["off"], 0.99)
+    p50 = pct(times["on"], 0.5) / pct(times["off"], 0.5)
+    p99 = pct(times["on"], 0.99) / pct(times["off"], 0.99)
     rounds = statistics.median(
         a / b for a, b in zip(round_p50["on"], round_p50["off"], strict=True)
     )

@@ -46,6 +46,8 @@ from __future__ import annotations
 
 import os
 
+from bench._stats import pct
+
 # Before NumPy loads: BLAS threads fight each other on small matrices (see xpando/embedding.py).
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
@@ -114,11 +116,6 @@ def _profile(i: int, domain: dict[str, Any], wallet: str | None = None) -> NodeP
         price_output_per_mtok=float((i * 11) % 20),
         wallet=wallet,
     )
-
-
-def _pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 async def register_over_http(settings: Settings, count: int) -> dict[str, float]:
@@ -320,7 +317,7 @@ async def routing_speed(
             "learned_entries": index.learned.entries,
             "distinct_domains": index.distinct_domains,
             "p50_ms": statistics.median(latencies),
-            "p99_ms": _pct(latencies, 0.99),
+            "p99_ms": pct(latencies, 0.99),
             "max_ms": max(latencies),
             "top_in_domain": hits / decisions,
             "load_s": load_s,

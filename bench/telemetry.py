@@ -48,6 +48,7 @@ from temporalio.client import Client
 from temporalio.runtime import Runtime
 
 from api.main import create_app
+from bench._stats import p50, p95
 from bench.loopback_providers import FakeProviders
 from cli.devserver import start_local_env
 from workers.core import build_core_worker
@@ -125,13 +126,11 @@ class RunResult:
 
     @property
     def p50(self) -> float:
-        return statistics.median(self.latencies) if self.latencies else 0.0
+        return p50(self.latencies)
 
     @property
     def p95(self) -> float:
-        if len(self.latencies) < 2:
-            return self.p50
-        return statistics.quantiles(self.latencies, n=20, method="inclusive")[18]
+        return p95(self.latencies)
 
 
 async def run_once(
