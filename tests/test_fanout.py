@@ -29,6 +29,7 @@ from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
 
 from tests.conftest import wait_for
+from tests.fakes.networks import answered
 from workflows.fanout import FanOut
 from xpando.contracts import (
     AnswerInput,
@@ -128,14 +129,8 @@ class Experts:
                 except asyncio.CancelledError:
                     self.cancelled.append(input.node_id)
                     raise
-            return Contribution(
-                node_id=input.node_id,
-                region="eu-west",
-                provider="scripted",
-                model="m",
-                status=ContributionStatus.OK,
-                answer=f"answered by {input.node_id}",
-                relevance=0.9,
+            return answered(
+                input.node_id, f"answered by {input.node_id}", provider="scripted", model="m"
             )
 
         self.activity = answer

@@ -14,14 +14,13 @@ import subprocess
 import sys
 import uuid
 from collections.abc import AsyncIterator
-from contextlib import AsyncExitStack, asynccontextmanager
+from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
 import pytest
 import redis
-from pydantic import SecretStr
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlmodel import col, func, select
 from temporalio.client import Client, WorkflowFailureError
@@ -29,28 +28,24 @@ from temporalio.service import RPCError
 
 from api.main import create_app
 from bench.loopback_providers import FakeProviders
-from tests.conftest import IN_CI, bearer, wait_live
+from tests.conftest import IN_CI, bearer
+from tests.fakes.networks import PRICES, LoopbackNode, loopback_network
 from workers.core import build_core_worker
-from workers.node import build_node_worker, register
 from xpando.auth import limits, spend, store
 from xpando.auth.keys import KEY_RE, KeyLimits, Scope
 from xpando.auth.limits import Prices, estimate_task_cost
 from xpando.contracts import Contribution as ContributionModel
 from xpando.contracts import (
     ContributionStatus,
-    NodeDomain,
     NodeProfile,
     RecordInput,
     TaskStage,
 )
 from xpando.db import SessionFactory, queries, session_factory
 from xpando.db.models import Contribution, Task
-from xpando.providers.base import Pricing, ProviderConfig
-from xpando.providers.registry import make_provider
 from xpando.settings import Settings
 
 REDIS_URL = os.environ.get("XPANDO_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
-PRICES = Pricing(input_per_mtok=3.0, output_per_mtok=15.0)
 
 
 @pytest.fixture
@@ -280,45 +275,13 @@ async def test_with_redis_down_tasks_are_held_in_the_database(
 # --- spend ---------------------------------------------------------------------------------------
 
 
-@asynccontextmanager
-async def priced_network(
+def priced_network(
     client: Client, settings: Settings, sessions: SessionFactory, fake: FakeProviders, count: int
-) -> AsyncIterator[list[NodeProfile]]:
+) -> AbstractAsyncContextManager[dict[str, NodeProfile]]:
     """A core worker and ``count`` OpenAI-compatible nodes on the loopback server, registered
     with their prices (what the API's estimate reads) and live."""
-    suffix = uuid.uuid4().hex[:6]
-    async with AsyncExitStack() as stack:
-        await stack.enter_async_context(
-            build_core_worker(client, sessions=sessions, settings=settings)
-        )
-        profiles = []
-        for i in range(count):
-            node_id = f"priced-{i}-{suffix}"
-            provider = make_provider(
-                ProviderConfig(
-                    provider="openai-compatible",
-                    model="loopback-model",
-                    api_key=SecretStr(f"key-{node_id}"),
-                    base_url=fake.base_url("openai-compatible", node_id),
-                    pricing=PRICES,
-                )
-            )
-            profile = NodeProfile(
-                node_id=node_id,
-                region="eu-west",
-                provider="openai-compatible",
-                model="loopback-model",
-                domains=[NodeDomain(name="baking", keywords=["bread", "dough", "yeast"])],
-                price_input_per_mtok=PRICES.input_per_mtok,
-                price_output_per_mtok=PRICES.output_per_mtok,
-            )
-            await stack.enter_async_context(
-                build_node_worker(client, profile=profile, provider=provider)
-            )
-            await register(client, profile, core_task_queue=settings.core_task_queue)
-            profiles.append(profile)
-        await wait_live(client, *(p.task_queue for p in profiles))
-        yield profiles
+    nodes = [LoopbackNode(f"priced-{i}", model="loopback-model", priced=True) for i in range(count)]
+    return loopback_network(client, settings, sessions, fake, nodes)
 
 
 async def _charged(sessions: SessionFactory, task_ids: list[str]) -> float:

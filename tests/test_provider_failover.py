@@ -12,20 +12,16 @@ from __future__ import annotations
 import asyncio
 import os
 import uuid
-from collections.abc import AsyncIterator, Iterator
-from contextlib import AsyncExitStack, asynccontextmanager
-from dataclasses import dataclass
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from pydantic import SecretStr
 from temporalio.client import Client, WorkflowExecutionStatus, WorkflowFailureError
 from temporalio.exceptions import ApplicationError
 
 from bench.loopback_providers import DEFAULT_ANSWER, FakeProviders, Fault
-from tests.conftest import api_client, wait_for, wait_live
-from workers.core import build_core_worker
-from workers.node import build_node_worker, register
+from tests.conftest import api_client, wait_for
+from tests.fakes.networks import LoopbackNode, loopback_network
 from workflows.task import TaskWorkflow
 from xpando.auth.keys import Scope
 from xpando.breakers import node_key, provider_key
@@ -33,14 +29,10 @@ from xpando.contracts import (
     AnswerPolicy,
     BreakerState,
     ContributionStatus,
-    NodeDomain,
-    NodeProfile,
     TaskInput,
     TaskResult,
 )
 from xpando.db import SessionFactory, queries
-from xpando.providers.base import Pricing, ProviderConfig
-from xpando.providers.registry import make_provider
 from xpando.settings import Settings
 
 HISTORY_DIR = Path(__file__).parent / "histories"
@@ -49,16 +41,6 @@ PROMPT = "Why does bread dough rise?"
 FAST = AnswerPolicy(
     initial_interval_ms=50, maximum_interval_ms=100, maximum_attempts=3, hedge_after_ms=20_000
 )
-PRICES = Pricing(input_per_mtok=3.0, output_per_mtok=15.0)
-
-
-@dataclass(frozen=True)
-class NodeDef:
-    name: str
-    provider: str
-    keywords: tuple[str, ...]
-    region: str = "eu-west"
-    timeout_s: float = 5.0
 
 
 @pytest.fixture
@@ -75,51 +57,6 @@ def _breaker_settings(settings: Settings, **kw: object) -> Settings:
     }
     values.update(kw)
     return settings.model_copy(update=values)
-
-
-@asynccontextmanager
-async def provider_network(
-    client: Client,
-    settings: Settings,
-    sessions: SessionFactory,
-    fake: FakeProviders,
-    nodes: list[NodeDef],
-) -> AsyncIterator[dict[str, NodeProfile]]:
-    """A core worker plus one SDK-backed node per definition, registered and live.
-
-    Node ids are unique per test; the fake server counts calls per node id."""
-    suffix = uuid.uuid4().hex[:6]
-    async with AsyncExitStack() as stack:
-        await stack.enter_async_context(
-            build_core_worker(client, sessions=sessions, settings=settings)
-        )
-        profiles: dict[str, NodeProfile] = {}
-        for d in nodes:
-            node_id = f"{d.name}-{suffix}"
-            provider = make_provider(
-                ProviderConfig(
-                    provider=d.provider,
-                    model=f"{d.provider}-model",
-                    api_key=SecretStr(f"key-{node_id}"),
-                    base_url=fake.base_url(d.provider, node_id),
-                    timeout_s=d.timeout_s,
-                    pricing=PRICES,
-                )
-            )
-            profile = NodeProfile(
-                node_id=node_id,
-                region=d.region,
-                provider=d.provider,
-                model=f"{d.provider}-model",
-                domains=[NodeDomain(name="baking", keywords=list(d.keywords))],
-            )
-            await stack.enter_async_context(
-                build_node_worker(client, profile=profile, provider=provider)
-            )
-            await register(client, profile, core_task_queue=settings.core_task_queue)
-            profiles[d.name] = profile
-        await wait_live(client, *(p.task_queue for p in profiles.values()))
-        yield profiles
 
 
 async def _run(
@@ -143,12 +80,12 @@ async def _breaker(sessions: SessionFactory, key: str) -> tuple[str, int]:
 
 # The primary fits the prompt best (it is chosen, k=1); "alt" is the first standby (another
 # provider), "spare" the second.
-def _trio(primary: str) -> list[NodeDef]:
+def _trio(primary: str) -> list[LoopbackNode]:
     others = [p for p in ("openai", "anthropic", "gemini") if p != primary]
     return [
-        NodeDef("primary", primary, ("bread", "dough", "rise", "yeast"), timeout_s=0.4),
-        NodeDef("alt", others[0], ("bread", "dough")),
-        NodeDef("spare", others[1], ("bread",)),
+        LoopbackNode("primary", primary, ("bread", "dough", "rise", "yeast"), timeout_s=0.4),
+        LoopbackNode("alt", others[0], ("bread", "dough")),
+        LoopbackNode("spare", others[1], ("bread",)),
     ]
 
 
@@ -188,7 +125,7 @@ async def test_each_fault_outcome_calls_standby_and_breaker(
     provider_failures: int,
 ) -> None:
     settings = _breaker_settings(settings)
-    async with provider_network(client, settings, sessions, fake, _trio(provider)) as nodes:
+    async with loopback_network(client, settings, sessions, fake, _trio(provider)) as nodes:
         primary, alt = nodes["primary"], nodes["alt"]
         fault = Fault.RATE_LIMIT if case == "rate_limit_once" else Fault(case)
         fake.fail(
@@ -227,7 +164,7 @@ async def test_each_fault_outcome_calls_standby_and_breaker(
 async def test_answers_record_tokens_cost_request_id_and_show_in_the_api(
     client: Client, settings: Settings, sessions: SessionFactory, fake: FakeProviders
 ) -> None:
-    async with provider_network(client, settings, sessions, fake, _trio("gemini")) as nodes:
+    async with loopback_network(client, settings, sessions, fake, _trio("gemini")) as nodes:
         result = await _run(client, settings, k=3)
         # An operator's key: the task was started through Temporal, so no API caller owns it.
         async with api_client(settings) as http:
@@ -258,9 +195,9 @@ async def test_a_slow_expert_is_hedged_and_its_provider_call_cancelled(
 ) -> None:
     settings = _breaker_settings(settings)
     trio = _trio("openai")
-    trio[0] = NodeDef("primary", "openai", trio[0].keywords, timeout_s=30)  # slow, not failing
+    trio[0] = LoopbackNode("primary", "openai", trio[0].keywords, timeout_s=30)  # slow, not failing
     hedge = FAST.model_copy(update={"hedge_after_ms": 800})
-    async with provider_network(client, settings, sessions, fake, trio) as nodes:
+    async with loopback_network(client, settings, sessions, fake, trio) as nodes:
         primary, alt = nodes["primary"], nodes["alt"]
         fake.fail(primary.node_id, Fault.HANG, hang_s=60)
         task_id = f"task-{uuid.uuid4().hex[:10]}"
@@ -293,8 +230,8 @@ async def test_cancelling_a_task_cancels_the_provider_call(
     client: Client, settings: Settings, sessions: SessionFactory, fake: FakeProviders
 ) -> None:
     trio = _trio("anthropic")
-    trio[0] = NodeDef("primary", "anthropic", trio[0].keywords, timeout_s=30)
-    async with provider_network(client, settings, sessions, fake, trio) as nodes:
+    trio[0] = LoopbackNode("primary", "anthropic", trio[0].keywords, timeout_s=30)
+    async with loopback_network(client, settings, sessions, fake, trio) as nodes:
         primary = nodes["primary"]
         fake.fail(primary.node_id, Fault.HANG, hang_s=60)
         task_id = f"task-{uuid.uuid4().hex[:10]}"
@@ -330,7 +267,7 @@ async def test_one_provider_down_for_the_whole_run_every_task_completes(
     settings = _breaker_settings(settings, breaker_failures=2, breaker_provider_failures=2)
     # The OpenAI nodes fit the prompt best, so routing prefers them until their breakers open.
     defs = [
-        NodeDef(f"{p}-{i}", p, keywords, region=region)
+        LoopbackNode(f"{p}-{i}", p, keywords, region=region)
         for p, keywords in (
             ("openai", ("bread", "dough", "rise", "yeast")),
             ("anthropic", ("bread", "dough")),
@@ -338,7 +275,7 @@ async def test_one_provider_down_for_the_whole_run_every_task_completes(
         )
         for i, region in ((1, "eu-west"), (2, "us-east"))
     ]
-    async with provider_network(client, settings, sessions, fake, defs) as nodes:
+    async with loopback_network(client, settings, sessions, fake, defs) as nodes:
         fake.fail("openai", Fault.SERVER_ERROR)
         results: list[TaskResult] = []
         openai_calls: list[int] = []
@@ -364,7 +301,7 @@ async def test_one_provider_down_for_the_whole_run_every_task_completes(
 async def test_when_every_provider_fails_the_error_names_what_was_tried(
     client: Client, settings: Settings, sessions: SessionFactory, fake: FakeProviders
 ) -> None:
-    async with provider_network(client, settings, sessions, fake, _trio("openai")) as nodes:
+    async with loopback_network(client, settings, sessions, fake, _trio("openai")) as nodes:
         for p in nodes.values():
             fake.fail(p.node_id, Fault.AUTH)
         with pytest.raises(WorkflowFailureError) as info:
@@ -381,7 +318,7 @@ async def test_an_open_breaker_is_skipped_then_probed_once_and_closed(
     client: Client, settings: Settings, sessions: SessionFactory, fake: FakeProviders
 ) -> None:
     settings = _breaker_settings(settings, breaker_cooldown_s=1.5)
-    async with provider_network(client, settings, sessions, fake, _trio("gemini")) as nodes:
+    async with loopback_network(client, settings, sessions, fake, _trio("gemini")) as nodes:
         primary = nodes["primary"]
         async with api_client(settings, Scope.NODES_READ) as http:
 
@@ -410,9 +347,9 @@ async def test_when_the_hedge_fails_too_the_next_standby_is_asked(
     client: Client, settings: Settings, sessions: SessionFactory, fake: FakeProviders
 ) -> None:
     trio = _trio("gemini")
-    trio[0] = NodeDef("primary", "gemini", trio[0].keywords, timeout_s=30)  # slow, not failing
+    trio[0] = LoopbackNode("primary", "gemini", trio[0].keywords, timeout_s=30)  # slow, not failing
     hedge = FAST.model_copy(update={"hedge_after_ms": 800})
-    async with provider_network(client, settings, sessions, fake, trio) as nodes:
+    async with loopback_network(client, settings, sessions, fake, trio) as nodes:
         primary, alt, spare = nodes["primary"], nodes["alt"], nodes["spare"]
         fake.fail(primary.node_id, Fault.HANG, hang_s=60)
         fake.fail(alt.node_id, Fault.AUTH)

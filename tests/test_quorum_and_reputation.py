@@ -11,16 +11,15 @@ import asyncio
 import os
 import uuid
 from collections.abc import AsyncIterator
-from contextlib import AsyncExitStack, asynccontextmanager
-from datetime import UTC, datetime
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 from temporalio import activity
 from temporalio.client import Client
 from temporalio.worker import Worker
 
-from tests.conftest import api_client, wait_for, wait_live
-from workers.core import build_core_worker
+from tests.conftest import api_client, wait_for
+from tests.fakes.networks import answered, fake_network, register_fake_nodes
 from workflows.task import TaskWorkflow
 from xpando import breakers
 from xpando.auth.keys import Scope
@@ -29,12 +28,9 @@ from xpando.contracts import (
     AnswerPolicy,
     Contribution,
     ContributionStatus,
-    NodeDomain,
-    NodeProfile,
     RouteOutcome,
     TaskInput,
     TaskResult,
-    node_task_queue,
 )
 from xpando.db import SessionFactory, queries
 from xpando.settings import Settings
@@ -71,13 +67,11 @@ class Experts:
                     self.cancelled.append(input.node_id)
                     raise
             bad = input.node_id in self.bad
-            return Contribution(
-                node_id=input.node_id,
-                region="eu-west",
+            return answered(
+                input.node_id,
+                BAD if bad else GOOD,
                 provider="scripted",
                 model="m",
-                status=ContributionStatus.OK,
-                answer=BAD if bad else GOOD,
                 relevance=0.2 if bad else 0.9,
             )
 
@@ -93,30 +87,8 @@ async def network(
     node_ids: list[str],
 ) -> AsyncIterator[dict[str, Worker]]:
     """A core worker, and one running worker per node (all registered, all baking experts)."""
-    async with sessions() as s:
-        for node_id in node_ids:
-            await queries.upsert_node(
-                session=s,
-                profile=NodeProfile(
-                    node_id=node_id,
-                    region="eu-west",
-                    provider="scripted",
-                    model="m",
-                    domains=[NodeDomain(name="baking", description="bread, dough, yeast")],
-                ),
-                now=datetime.now(UTC),
-            )
-    async with AsyncExitStack() as stack:
-        await stack.enter_async_context(
-            build_core_worker(client, sessions=sessions, settings=settings)
-        )
-        workers = {}
-        for node_id in node_ids:
-            workers[node_id] = Worker(
-                client, task_queue=node_task_queue(node_id), activities=[experts.activity]
-            )
-            await stack.enter_async_context(workers[node_id])
-        await wait_live(client, *(node_task_queue(n) for n in node_ids))
+    await register_fake_nodes(sessions, node_ids, provider="scripted", model="m")
+    async with fake_network(client, settings, sessions, node_ids, experts.activity) as workers:
         yield workers
 
 

@@ -33,6 +33,7 @@ from bench.learning import (
     liar,
 )
 from tests.conftest import wait_live
+from tests.fakes.networks import register_fake_nodes
 from tests.test_quorum_and_reputation import PROMPT, Experts
 from tests.test_routing import _scored
 from workers.core import build_core_worker
@@ -208,19 +209,7 @@ async def test_two_core_workers_share_what_routing_learned_and_a_restart_keeps_i
     core worker started afterwards routes on the same learned state."""
     good_a, good_b, bad = (f"{n}-{uuid.uuid4().hex[:6]}" for n in ("good-a", "good-b", "bad"))
     experts = Experts(bad=frozenset({bad}))
-    async with sessions() as s:
-        for node_id in (good_a, good_b, bad):
-            await queries.upsert_node(
-                session=s,
-                profile=NodeProfile(
-                    node_id=node_id,
-                    region="eu-west",
-                    provider="scripted",
-                    model="m",
-                    domains=[NodeDomain(name="baking", description="bread, dough, yeast")],
-                ),
-                now=datetime.now(UTC),
-            )
+    await register_fake_nodes(sessions, [good_a, good_b, bad], provider="scripted", model="m")
     chosen: list[list[str]] = []
 
     async def run() -> TaskResult:

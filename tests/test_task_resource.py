@@ -27,7 +27,6 @@ from pydantic import BaseModel
 from sqlalchemy.ext.asyncio import AsyncEngine
 from temporalio import activity
 from temporalio.client import Client
-from temporalio.worker import Worker
 
 from api.main import create_app
 from api.schemas import (
@@ -40,21 +39,19 @@ from api.schemas import (
     TaskList,
     TaskView,
 )
-from tests.conftest import free_port, issue_key, offline_network, wait_for, wait_live
+from tests.conftest import free_port, issue_key, offline_network, wait_for
 from tests.fakes.experts import HangingPanel
-from workers.core import build_core_worker
+from tests.fakes.networks import answered, fake_network, register_fake_nodes
 from xpando.auth.keys import Scope
 from xpando.contracts import (
     AnswerInput,
     Contribution,
     ContributionStatus,
     NodeDomain,
-    NodeProfile,
     RecordInput,
     TaskEvent,
     TaskEventType,
     TaskStage,
-    node_task_queue,
 )
 from xpando.db import SessionFactory, queries, session_factory
 from xpando.settings import Settings
@@ -222,33 +219,12 @@ class Gates:
             while input.task_id not in self.open:
                 activity.heartbeat()
                 await asyncio.sleep(0.05)
-            return Contribution(
-                node_id=input.node_id,
-                region="eu-west",
-                provider="fake",
-                model="fake-1",
-                status=ContributionStatus.OK,
-                answer=f"knead it ({input.node_id})",
-                relevance=0.9,
-            )
+            return answered(input.node_id, f"knead it ({input.node_id})")
 
         self.answer = answer
 
 
-async def _fake_nodes(sessions: SessionFactory, node_ids: list[str]) -> None:
-    async with sessions() as s:
-        for node_id in node_ids:
-            await queries.upsert_node(
-                session=s,
-                profile=NodeProfile(
-                    node_id=node_id,
-                    region="eu-west",
-                    provider="fake",
-                    model="fake-1",
-                    domains=[NodeDomain(name="baking", keywords=["bread", "dough"])],
-                ),
-                now=datetime.now(UTC),
-            )
+KNEADING = NodeDomain(name="baking", keywords=["bread", "dough"])
 
 
 @asynccontextmanager
@@ -258,16 +234,8 @@ async def gated_network(
     """A core worker and ``count`` fake experts behind gates."""
     gates = Gates()
     nodes = [f"gated-{uuid.uuid4().hex[:8]}" for _ in range(count)]
-    await _fake_nodes(sessions, nodes)
-    async with AsyncExitStack() as stack:
-        await stack.enter_async_context(
-            build_core_worker(client, sessions=sessions, settings=settings)
-        )
-        for node_id in nodes:
-            await stack.enter_async_context(
-                Worker(client, task_queue=node_task_queue(node_id), activities=[gates.answer])
-            )
-        await wait_live(client, *(node_task_queue(n) for n in nodes))
+    await register_fake_nodes(sessions, nodes, KNEADING)
+    async with fake_network(client, settings, sessions, nodes, gates.answer):
         yield gates, nodes
 
 
@@ -495,18 +463,13 @@ async def test_cancel_stops_a_task_whose_experts_hang_and_says_who_had_answered(
     quick = f"quick-{uuid.uuid4().hex[:6]}"
     hung = [f"hung-{uuid.uuid4().hex[:6]}" for _ in range(2)]
     panel = HangingPanel({quick})
-    await _fake_nodes(sessions, [quick, *hung])
+    await register_fake_nodes(sessions, [quick, *hung], KNEADING)
     owner = f"carol-{uuid.uuid4().hex[:6]}"
     as_owner = {PRINCIPAL_HEADER: owner}
     async with AsyncExitStack() as stack:
         await stack.enter_async_context(
-            build_core_worker(client, sessions=sessions, settings=settings)
+            fake_network(client, settings, sessions, [quick, *hung], panel.answer)
         )
-        for node_id in (quick, *hung):
-            await stack.enter_async_context(
-                Worker(client, task_queue=node_task_queue(node_id), activities=[panel.answer])
-            )
-        await wait_live(client, *(node_task_queue(n) for n in (quick, *hung)))
         http = await stack.enter_async_context(serve(settings))
 
         accepted = await http.post(

@@ -6,8 +6,7 @@ import asyncio
 import os
 import uuid
 from collections.abc import Awaitable, Callable
-from contextlib import AbstractAsyncContextManager, AsyncExitStack
-from datetime import UTC, datetime
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 
 import pytest
@@ -16,8 +15,9 @@ from temporalio.client import Client, WorkflowFailureError
 from temporalio.exceptions import ApplicationError, CancelledError
 from temporalio.worker import Worker
 
-from tests.conftest import offline_network, wait_for, wait_live
+from tests.conftest import offline_network, wait_for
 from tests.fakes.experts import HangingPanel
+from tests.fakes.networks import answered, fake_network, register_fake_nodes
 from workers.core import build_core_worker
 from workflows.task import TaskWorkflow
 from xpando.contracts import (
@@ -130,15 +130,7 @@ def _flaky_answer(
             await asyncio.sleep(delay_s)
         if input.node_id in fail_nodes:
             raise ApplicationError("provider refused", type="ProviderRefused", non_retryable=True)
-        return Contribution(
-            node_id=input.node_id,
-            region="eu-west",
-            provider="fake",
-            model="fake-1",
-            status=ContributionStatus.OK,
-            answer=f"bread needs yeast ({input.node_id})",
-            relevance=0.9,
-        )
+        return answered(input.node_id, f"bread needs yeast ({input.node_id})")
 
     return answer
 
@@ -146,19 +138,9 @@ def _flaky_answer(
 async def _register_fake_nodes(
     sessions: SessionFactory, node_ids: list[str], fit: list[str]
 ) -> None:
-    async with sessions() as s:
-        for node_id, keyword in zip(node_ids, fit, strict=True):
-            await queries.upsert_node(
-                session=s,
-                profile=NodeProfile(
-                    node_id=node_id,
-                    region="eu-west",
-                    provider="fake",
-                    model="fake-1",
-                    domains=[NodeDomain(name="baking", keywords=[keyword])],
-                ),
-                now=datetime.now(UTC),
-            )
+    """Baking nodes, each fitting the prompt through its own keywords."""
+    domains = [NodeDomain(name="baking", keywords=[keyword]) for keyword in fit]
+    await register_fake_nodes(sessions, node_ids, domains)
 
 
 async def test_failed_expert_is_replaced_by_a_standby(
@@ -168,15 +150,7 @@ async def test_failed_expert_is_replaced_by_a_standby(
     # The failing node fits the prompt best, so it is chosen; the other is its standby.
     await _register_fake_nodes(sessions, [bad, good], ["bread yeast", "yeast"])
     answer = _flaky_answer({bad})
-    async with AsyncExitStack() as stack:
-        await stack.enter_async_context(
-            build_core_worker(client, sessions=sessions, settings=settings)
-        )
-        for node_id in (bad, good):
-            await stack.enter_async_context(
-                Worker(client, task_queue=node_task_queue(node_id), activities=[answer])
-            )
-        await wait_live(client, node_task_queue(bad), node_task_queue(good))
+    async with fake_network(client, settings, sessions, [bad, good], answer):
         result = await _run(client, settings, "why does bread need yeast", k=1)
     by_node = {c.node_id: c for c in result.contributions}
     assert by_node[bad].status == ContributionStatus.FAILED
@@ -191,15 +165,7 @@ async def test_task_fails_clearly_when_every_expert_fails(
     nodes = [_ids("bad"), _ids("bad")]
     await _register_fake_nodes(sessions, nodes, ["bread", "yeast"])
     answer = _flaky_answer(set(nodes))
-    async with AsyncExitStack() as stack:
-        await stack.enter_async_context(
-            build_core_worker(client, sessions=sessions, settings=settings)
-        )
-        for node_id in nodes:
-            await stack.enter_async_context(
-                Worker(client, task_queue=node_task_queue(node_id), activities=[answer])
-            )
-        await wait_live(client, *(node_task_queue(n) for n in nodes))
+    async with fake_network(client, settings, sessions, nodes, answer):
         task_id = _ids("task")
         with pytest.raises(WorkflowFailureError) as info:
             await client.execute_workflow(
@@ -285,11 +251,7 @@ async def test_progress_query_shows_the_stage_while_experts_work(
     node = _ids("slow")
     await _register_fake_nodes(sessions, [node], ["bread"])
     answer = _flaky_answer(set(), delay_s=1.5)
-    async with (
-        build_core_worker(client, sessions=sessions, settings=settings),
-        Worker(client, task_queue=node_task_queue(node), activities=[answer]),
-    ):
-        await wait_live(client, node_task_queue(node))
+    async with fake_network(client, settings, sessions, [node], answer):
         task_id = _ids("task")
         handle = await client.start_workflow(
             TaskWorkflow.run,
@@ -315,15 +277,7 @@ async def test_a_cancelled_task_stops_its_experts_and_is_recorded_with_who_answe
     nodes = [quick, *slow]
     await _register_fake_nodes(sessions, nodes, ["bread", "yeast", "dough"])
     panel = HangingPanel({quick})
-    async with AsyncExitStack() as stack:
-        await stack.enter_async_context(
-            build_core_worker(client, sessions=sessions, settings=settings)
-        )
-        for node_id in nodes:
-            await stack.enter_async_context(
-                Worker(client, task_queue=node_task_queue(node_id), activities=[panel.answer])
-            )
-        await wait_live(client, *(node_task_queue(n) for n in nodes))
+    async with fake_network(client, settings, sessions, nodes, panel.answer):
         task_id = _ids("task")
         handle = await client.start_workflow(
             TaskWorkflow.run,

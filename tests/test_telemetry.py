@@ -18,7 +18,7 @@ import signal
 import sys
 import uuid
 from collections.abc import AsyncIterator, Iterator
-from contextlib import AsyncExitStack, asynccontextmanager
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import httpx
@@ -28,22 +28,20 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import SpanKind
 from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
-from pydantic import SecretStr
 from temporalio.client import Client
 
 from api.main import create_app
 from bench.loopback_providers import FakeProviders
 from cli.devserver import dev_server_tracing_env, start_dev_command
 from tests.conftest import bearer, free_port, issue_key, wait_for, wait_live
-from workers.core import build_core_worker
+from tests.fakes.networks import LoopbackNode, loopback_network
 from workers.node import NodeSpec, build_node, build_node_worker, register
 from workflows.task import TaskWorkflow
 from xpando import telemetry, temporal
-from xpando.contracts import NodeDomain, NodeProfile, TaskInput, TaskResult
+from xpando.contracts import NodeProfile, TaskInput, TaskResult
 from xpando.db import SessionFactory
 from xpando.logs import _add_trace_context
-from xpando.providers.base import Pricing, ProviderConfig
-from xpando.providers.registry import make_provider
+from xpando.providers.base import Pricing
 from xpando.settings import Settings
 
 PROMPT = "Why does bread dough rise?"
@@ -68,38 +66,18 @@ async def sdk_network(
 ) -> AsyncIterator[list[NodeProfile]]:
     """A core worker plus ``count`` openai-compatible nodes (the official openai SDK against
     the loopback provider), registered through the core and polling."""
-    suffix = uuid.uuid4().hex[:6]
-    async with AsyncExitStack() as stack:
-        await stack.enter_async_context(
-            build_core_worker(client, sessions=sessions, settings=settings)
+    nodes = [
+        LoopbackNode(
+            f"llm-{i}",
+            keywords=("bread", "dough", "rise", "yeast"),
+            region=("eu-west", "us-east")[i % 2],
+            pricing=Pricing(input_per_mtok=2.0, output_per_mtok=8.0),
+            model="loopback-model",
         )
-        profiles = []
-        for i in range(count):
-            node_id = f"llm-{i}-{suffix}"
-            provider = make_provider(
-                ProviderConfig(
-                    provider="openai-compatible",
-                    model="loopback-model",
-                    api_key=SecretStr("loopback-key"),
-                    base_url=fake.base_url("openai-compatible", node_id),
-                    timeout_s=5.0,
-                    pricing=Pricing(input_per_mtok=2.0, output_per_mtok=8.0),
-                )
-            )
-            profile = NodeProfile(
-                node_id=node_id,
-                region=("eu-west", "us-east")[i % 2],
-                provider="openai-compatible",
-                model="loopback-model",
-                domains=[NodeDomain(name="baking", keywords=["bread", "dough", "rise", "yeast"])],
-            )
-            await stack.enter_async_context(
-                build_node_worker(client, profile=profile, provider=provider)
-            )
-            await register(client, profile, core_task_queue=settings.core_task_queue)
-            profiles.append(profile)
-        await wait_live(client, *(p.task_queue for p in profiles))
-        yield profiles
+        for i in range(count)
+    ]
+    async with loopback_network(client, settings, sessions, fake, nodes) as profiles:
+        yield list(profiles.values())
 
 
 def _ancestors(span: ReadableSpan, by_id: dict[int, ReadableSpan]) -> list[str]:

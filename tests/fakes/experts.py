@@ -7,7 +7,8 @@ import asyncio
 
 from temporalio import activity
 
-from xpando.contracts import AnswerInput, Contribution, ContributionStatus
+from tests.fakes.networks import answered
+from xpando.contracts import AnswerInput, Contribution
 
 
 class HangingPanel:
@@ -27,14 +28,6 @@ class HangingPanel:
                 except asyncio.CancelledError:
                     self.cancelled.append(input.node_id)
                     raise
-            return Contribution(
-                node_id=input.node_id,
-                region="eu-west",
-                provider="fake",
-                model="fake-1",
-                status=ContributionStatus.OK,
-                answer=f"answered by {input.node_id}",
-                relevance=0.9,
-            )
+            return answered(input.node_id, f"answered by {input.node_id}")
 
         self.answer = answer
